@@ -1,0 +1,116 @@
+"""Engine configuration: frozen dataclasses per area, validated on construction.
+
+``LLMEngine(**kwargs)``, ``LLM(**kwargs)`` and (later) CLI flags all map onto the fields below through
+``EngineConfig.from_kwargs``; field names are unique across areas and an unknown key raises. Runtime facts
+(the resolved device and dtype, the number of KV blocks, eos ids) are computed by the engine and passed
+explicitly; they are never written back into a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "torch")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = _help("Hugging Face checkpoint directory (config.json + safetensors)", default="")
+    tokenizer: str | None = _help("tokenizer directory (default: the model directory)", default=None)
+    dtype: str = _help("weights and KV dtype; auto = float32 on CPU, bfloat16 on GPU", default="auto")
+    max_model_len: int | None = _help("longest prompt + output in tokens (default: the model's)", default=None)
+    seed: int = _help("seed of the engine's sampler for requests without their own seed", default=0)
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {DTYPES}")
+        _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", self.max_model_len,
+               "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = _help("tokens per KV block", default=16)
+    num_gpu_blocks: int | None = _help("KV blocks on the device (overrides memory-based sizing)", default=None)
+    kv_cache_memory_gb: float | None = _help(
+        "memory for the KV arena in GiB (default: 2 GiB on CPU, gpu_memory_utilization on GPU)", default=None
+    )
+    gpu_memory_utilization: float = _help("fraction of GPU memory the engine may use", default=0.9)
+
+    def __post_init__(self) -> None:
+        _check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
+               self.block_size, "must be a power of two >= 1")
+        _check(self.num_gpu_blocks is None or self.num_gpu_blocks >= 1, "num_gpu_blocks", self.num_gpu_blocks,
+               "must be >= 1")
+        _check(self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0, "kv_cache_memory_gb",
+               self.kv_cache_memory_gb, "must be > 0")
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", self.gpu_memory_utilization,
+               "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = _help("most requests in one step's batch", default=128)
+    max_num_batched_tokens: int = _help("token budget of one step (longer prompts are chunked)", default=2048)
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens,
+               "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = _help("where the model runs: auto = cuda when available, else cpu", default="auto")
+    attention_backend: str = _help("attention implementation: auto or torch", default="auto")
+
+    def __post_init__(self) -> None:
+        _check(self.device in DEVICES, "device", self.device, f"choose one of {DEVICES}")
+        _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
+               f"choose one of {ATTENTION_BACKENDS}")
+
+
+AREAS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "device": DeviceConfig}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    device: DeviceConfig = DeviceConfig()
+
+    @staticmethod
+    def field_names() -> dict[str, str]:
+        """Every engine argument name -> the area that owns it."""
+        return {f.name: area for area, cls in AREAS.items() for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        owners = cls.field_names()
+        unknown = [k for k in kwargs if k not in owners]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, owners, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(
+                f"unknown engine argument {', '.join(hints)}; valid arguments: {', '.join(sorted(owners))}"
+            )
+        per_area: dict[str, dict[str, Any]] = {area: {} for area in AREAS}
+        for key, value in kwargs.items():
+            per_area[owners[key]][key] = value
+        return cls(**{area: AREAS[area](**values) for area, values in per_area.items()})

@@ -1,0 +1,1 @@
+"""The step loop and the executors that carry plans to workers."""

@@ -1,0 +1,28 @@
+"""Executors carry step plans from the frontend to the workers and bring back the results.
+
+``InProcessExecutor`` runs one worker in this process (offline API, tests). The multi-process executor
+implements the same three members over sockets.
+"""
+
+from __future__ import annotations
+
+from fs_engine.config import EngineConfig
+from fs_engine.kv.layout import KVLayout
+from fs_engine.model_config import ModelArch
+from ipc.messages import StepPlan, StepResult
+
+
+class InProcessExecutor:
+    def __init__(self, config: EngineConfig, arch: ModelArch, max_model_len: int) -> None:
+        from workers.gpu_worker import Worker  # the frontend imports tensor code only for in-process mode
+
+        self.worker = Worker(config, arch, max_model_len)
+        self.num_blocks: int = self.worker.init_kv_cache()
+        self.layout: KVLayout = self.worker.layout
+        self.device: str = str(self.worker.device)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.worker.execute(plan)
+
+    def shutdown(self) -> None:
+        self.worker = None

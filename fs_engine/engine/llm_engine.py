@@ -1,0 +1,208 @@
+"""``LLMEngine``: add requests, call ``step()``, read outputs. The loop every front end is built on."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+from fs_engine.config import EngineConfig
+from fs_engine.engine.executor import InProcessExecutor
+from fs_engine.kv.kv_manager import KVCacheManager, blocks_for
+from fs_engine.model_config import ModelArch, load_model_arch
+from fs_engine.request import Request, RequestOutput, RequestStatus
+from fs_engine.sampling_params import SamplingParams
+from fs_engine.sched.scheduler import Scheduler
+from fs_engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+Prompt = str | list[int]
+
+
+def resolve_model_path(model: str | Path | None) -> str:
+    if model is None:
+        from fs_engine.tiny_model import default_model_path
+
+        return str(default_model_path())
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ValueError(f"model path {str(path)!r} does not exist; pass a Hugging Face checkpoint directory")
+    return str(path)
+
+
+def resolve_max_model_len(config: EngineConfig, arch: ModelArch) -> int:
+    limit = arch.max_context
+    wanted = config.model.max_model_len
+    if wanted is None:
+        return limit
+    if wanted > limit:
+        raise ValueError(
+            f"max_model_len={wanted} exceeds what the model supports ({limit} tokens: "
+            f"max_position_embeddings{' / sliding_window' if arch.sliding_window else ''}); lower it"
+        )
+    return wanted
+
+
+class LLMEngine:
+    def __init__(self, model: str | Path | None = None, **engine_args: Any) -> None:
+        model_path = resolve_model_path(model)
+        self.config = EngineConfig.from_kwargs(model=model_path, **engine_args)
+        self.arch = load_model_arch(model_path)
+        self.max_model_len = resolve_max_model_len(self.config, self.arch)
+        self.tokenizer = load_tokenizer(self.config.model.tokenizer or model_path)
+        eos = set(self.arch.eos_token_ids)
+        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.executor = InProcessExecutor(self.config, self.arch, self.max_model_len)
+        self.block_size = self.config.cache.block_size
+        self.kv = KVCacheManager(self.executor.num_blocks, self.block_size)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._arrivals = itertools.count()
+        self._counters = dict.fromkeys(
+            ("num_steps", "num_prompt_tokens", "num_generated_tokens", "num_batched_tokens",
+             "num_finished_requests", "num_aborted_requests"), 0
+        )
+        self._execute_s = 0.0
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        tenant: str = "default",
+        session_id: str | None = None,
+    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use; pick a unique id")
+        prompt_text, token_ids = self._tokenize(prompt)
+        self._check_fits(token_ids, params)
+        request = Request(
+            request_id, token_ids, params, prompt=prompt_text, priority=priority, tenant=tenant,
+            session_id=session_id, arrival_seq=next(self._arrivals),
+        )
+        if self.tokenizer is not None:
+            self._detokenizers[request_id] = IncrementalDetokenizer(
+                self.tokenizer, params.stop, params.skip_special_tokens
+            )
+        elif params.stop:
+            raise ValueError("stop strings need a tokenizer, and this model directory has none; use stop_token_ids")
+        self.scheduler.add_request(request)
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    "this model directory has no tokenizer, so prompts must be lists of token ids, not text"
+                )
+            token_ids = list(self.tokenizer(prompt).input_ids)
+            text: str | None = prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            token_ids, text = list(prompt), None
+            bad = [t for t in token_ids if not 0 <= t < self.arch.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.arch.vocab_size})")
+        else:
+            raise ValueError(f"a prompt must be a string or a list of int token ids, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        return text, token_ids
+
+    def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens but max_model_len is {self.max_model_len}, which leaves "
+                f"no room to generate; shorten the prompt or raise max_model_len"
+            )
+        final_len = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        need = blocks_for(final_len, self.block_size)
+        if need > self.kv.num_blocks:
+            raise ValueError(
+                f"this request needs {need} KV blocks ({final_len} tokens) but the cache has only "
+                f"{self.kv.num_blocks}; lower max_tokens or give the engine more KV memory"
+            )
+
+    def abort(self, request_id: str) -> None:
+        request = self.scheduler.requests.get(request_id)
+        if request is None:
+            raise ValueError(f"unknown request id {request_id!r}: it never existed or has already finished")
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks and not plan.finished_ids:
+            return []
+        result = self.executor.execute(plan)
+        self._execute_s += result.execute_s
+        if plan.chunks:
+            self._counters["num_steps"] += 1
+            self._counters["num_batched_tokens"] += plan.num_tokens
+        outputs = []
+        for request in self.scheduler.update(plan, result):
+            if request.num_output_tokens == 1:
+                self._counters["num_prompt_tokens"] += request.num_prompt_tokens
+            self._counters["num_generated_tokens"] += 1
+            self._check_stop(request)
+            outputs.append(self._output(request))
+        return outputs
+
+    def _check_stop(self, request: Request) -> None:
+        token = request.token_ids[-1]
+        params = request.params
+        detok = self._detokenizers.get(request.request_id)
+        status = None
+        if detok is not None and detok.append(token) is not None:
+            status = RequestStatus.FINISHED_STOPPED
+        elif (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self._finish(request, status)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(request, status)
+        key = "num_aborted_requests" if status is RequestStatus.FINISHED_ABORTED else "num_finished_requests"
+        self._counters[key] += 1
+        if status is RequestStatus.FINISHED_ABORTED:
+            self._detokenizers.pop(request.request_id, None)
+
+    def _output(self, request: Request) -> RequestOutput:
+        finished = request.status.finished
+        detok = self._detokenizers.pop(request.request_id) if finished else self._detokenizers.get(request.request_id)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=request.output_token_ids,
+            text=detok.text if detok is not None else "",
+            finished=finished,
+            finish_reason=request.status.finish_reason,
+        )
+
+    # ---- introspection -----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int | float]:
+        return {
+            **self._counters,
+            **self.scheduler.stats(),
+            "num_gpu_blocks": self.kv.num_blocks,
+            "num_free_gpu_blocks": self.kv.num_free_blocks,
+            "block_size": self.block_size,
+            "kv_block_bytes": self.executor.layout.block_bytes,
+            "max_model_len": self.max_model_len,
+            "execute_s": round(self._execute_s, 6),
+        }
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    def __repr__(self) -> str:
+        return f"LLMEngine({self.config.model.model!r}, device={self.executor.device}, blocks={self.kv.num_blocks})"

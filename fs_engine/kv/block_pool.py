@@ -1,0 +1,45 @@
+"""Single-block allocator over device KV block ids (vLLM's free-list pattern).
+
+Allocation is all-or-nothing: either every requested block is handed out or none is, so a failed allocation
+never leaves a half-grown request behind.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class FreeListAllocator:
+    """Hands out single block ids from a FIFO free list; freed ids go to the back."""
+
+    name = "block"
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._is_free = [True] * num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        if n > len(self._free):
+            return None
+        ids = [self._free.popleft() for _ in range(n)]
+        for i in ids:
+            self._is_free[i] = False
+        return ids
+
+    def free(self, block_ids: list[int]) -> None:
+        for i in block_ids:
+            if self._is_free[i]:
+                raise RuntimeError(f"block {i} freed twice")
+            self._is_free[i] = True
+            self._free.append(i)
+
+    def check_invariants(self) -> None:
+        assert len(self._free) == sum(self._is_free), "free list and free flags disagree"
+        assert len(set(self._free)) == len(self._free), "a block is on the free list twice"

@@ -1,0 +1,1 @@
+"""Scheduling: who runs in each step, and how much of them."""

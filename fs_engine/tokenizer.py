@@ -1,0 +1,69 @@
+"""Tokenizer loading and incremental detokenization with stop strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_tokenizer(path: str | Path) -> Any | None:
+    """The Hugging Face tokenizer in ``path``, or None when the directory has no tokenizer files
+    (the engine then serves token-id prompts only)."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of output token ids into text, a little at a time.
+
+    Byte-level tokenizers may split one character over several tokens; text ending in U+FFFD (an
+    incomplete character) is held back until the next token completes it. Decoding restarts from a
+    window of a few recent tokens rather than the whole output, so each step costs O(1) tokens.
+    Stop strings are searched only in the region that new text can affect.
+    """
+
+    _WINDOW = 6  # tokens of context decoded before the new ones, so merges at the boundary come out right
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = (), skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.skip_special_tokens = skip_special_tokens
+        self.text = ""
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the decoding window in _ids
+        self._read_offset = 0  # _ids before this are already in self.text
+        self._max_stop_len = max((len(s) for s in stop), default=0)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def append(self, token_id: int) -> str | None:
+        """Add one token. Returns the stop string matched (the text is then cut before it), else None."""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return None  # an incomplete character, or a token that decodes to nothing yet
+        new_text = full[len(prefix) :]
+        search_from = max(0, len(self.text) - self._max_stop_len + 1)
+        self.text += new_text
+        self._prefix_offset = max(self._read_offset, len(self._ids) - self._WINDOW)
+        self._read_offset = len(self._ids)
+        return self._find_stop(search_from)
+
+    def _find_stop(self, search_from: int) -> str | None:
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            pos = self.text.find(s, search_from)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, s)
+        if best is None:
+            return None
+        self.text = self.text[: best[0]]
+        return best[1]

@@ -1,0 +1,75 @@
+"""Messages between the frontend (which decides) and the workers (which execute).
+
+Every message is a plain dataclass of ints, floats, strings and lists so that the multi-process engine can
+send it as msgpack without guessing schemas; the in-process engine passes the same objects directly.
+This module imports nothing of ours (see STYLE.md: import direction).
+
+A step plan carries a request's sampling settings once (``NewRequest``), then per step only what that step
+computes (``ScheduledChunk``). The worker forgets a request when its id appears in ``finished_ids``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What the worker's sampler needs of a request (stop rules stay in the frontend)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    request_id: str
+    sampling: SamplingSpec
+
+
+@dataclass
+class ScheduledChunk:
+    """One request's share of a step: compute KV for ``token_ids`` at positions
+    ``start_pos .. start_pos + len(token_ids) - 1`` and, if ``sample``, sample the next token.
+
+    ``block_ids`` is the request's whole block table (one entry per ``block_size`` tokens).
+    ``sample_index`` is the index of the token being sampled among the request's outputs; seeded sampling
+    derives its random stream from it so that batching and preemption never change a seeded result.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+    sample: bool
+    sample_index: int = 0
+
+
+@dataclass
+class StepPlan:
+    step_id: int
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    new_requests: list[NewRequest] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+@dataclass
+class StepResult:
+    """Rank 0's answer to a plan: one sampled token per chunk that asked for one, in plan order."""
+
+    step_id: int
+    request_ids: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    execute_s: float = 0.0

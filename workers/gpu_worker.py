@@ -1,0 +1,68 @@
+"""One rank's worker: picks its device, loads its shard of the model, owns its KV arena, executes plans.
+
+The in-process executor calls it directly; the multi-process engine wraps the same object in a process
+that reads plans from a socket.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fs_engine.config import EngineConfig
+from fs_engine.kv.kv_manager import blocks_for
+from fs_engine.kv.layout import KVLayout
+from fs_engine.model_config import ModelArch
+from ipc.messages import StepPlan, StepResult
+from workers.kv_arena import num_kv_blocks
+from workers.model_runner import ModelRunner
+from workers.parallel import SINGLE, TPContext
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA device is available; use device='cpu'")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, arch: ModelArch, max_model_len: int, tp: TPContext = SINGLE) -> None:
+        self.config = config
+        self.arch = arch
+        self.max_model_len = max_model_len
+        self.device = resolve_device(config.device.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device.index or 0)
+        self.dtype_name = resolve_dtype(config.model.dtype, self.device)
+        self.runner = ModelRunner(
+            config.model.model,
+            arch,
+            dtype=TORCH_DTYPES[self.dtype_name],
+            device=self.device,
+            block_size=config.cache.block_size,
+            attention_backend=config.device.attention_backend,
+            seed=config.model.seed,
+            tp=tp,
+        )
+        self.layout: KVLayout = self.runner.kv_layout(self.dtype_name)
+        self.num_blocks = 0
+
+    def init_kv_cache(self) -> int:
+        """Size and allocate the KV arena; returns the number of blocks (the frontend manages them)."""
+        per_seq = blocks_for(self.max_model_len, self.layout.block_size)
+        max_useful = self.config.scheduler.max_num_seqs * per_seq
+        self.num_blocks = num_kv_blocks(self.config.cache, self.layout, self.device, max_useful)
+        self.runner.init_kv_cache(self.layout, self.num_blocks)
+        return self.num_blocks
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.runner.execute(plan)

@@ -1,0 +1,48 @@
+"""The device KV arena of one rank, and how many blocks fit in the memory the engine may use."""
+
+from __future__ import annotations
+
+import torch
+
+from fs_engine.config import CacheConfig
+from fs_engine.kv.layout import KVLayout
+
+DEFAULT_CPU_KV_BYTES = 2 << 30  # 2 GiB when the user names no size on a CPU-only machine
+
+
+def allocate_kv_arena(layout: KVLayout, num_blocks: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+    # empty, not zeros: no kernel reads a slot before writing it, and on CPU untouched pages cost no memory
+    return torch.empty(layout.arena_shape(num_blocks), dtype=dtype, device=device)
+
+
+def kv_budget_bytes(cache: CacheConfig, device: torch.device) -> int:
+    """Bytes the KV arena may take, after the weights (and activations) are already resident."""
+    if cache.kv_cache_memory_gb is not None:
+        return int(cache.kv_cache_memory_gb * (1 << 30))
+    if device.type != "cuda":
+        return DEFAULT_CPU_KV_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others_and_us = total - free
+    # the peak of a profiling forward pass is already counted in `used` (see ModelRunner.profile_run)
+    budget = int(total * cache.gpu_memory_utilization) - used_by_others_and_us
+    if budget <= 0:
+        raise ValueError(
+            f"no GPU memory left for the KV cache: {used_by_others_and_us / 2**30:.1f} GiB of {total / 2**30:.1f} GiB "
+            f"are in use; raise gpu_memory_utilization or use a smaller model"
+        )
+    return budget
+
+
+def num_kv_blocks(cache: CacheConfig, layout: KVLayout, device: torch.device, max_useful_blocks: int) -> int:
+    """Blocks for the arena: the explicit ``num_gpu_blocks`` if given, else what the memory budget holds,
+    capped at ``max_useful_blocks`` (every sequence slot at full context) so small models stay small."""
+    if cache.num_gpu_blocks is not None:
+        return cache.num_gpu_blocks
+    num_blocks = min(layout.num_blocks_for_bytes(kv_budget_bytes(cache, device)), max_useful_blocks)
+    if num_blocks < 1:
+        raise ValueError(
+            f"the KV memory budget does not hold one block of {layout.block_bytes} bytes; "
+            f"raise kv_cache_memory_gb or gpu_memory_utilization"
+        )
+    return num_blocks

@@ -1,0 +1,1 @@
+"""Model building blocks written for tensor parallelism (identity collectives at one rank)."""

@@ -1,0 +1,118 @@
+"""Executes step plans on one rank: builds the batch tensors, runs the model, samples.
+
+It keeps, per request, only what sampling needs (``SamplingSpec``); token ids, positions and block tables
+come with every plan, so the frontend stays the single owner of request state.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fs_engine.kv.layout import KVLayout
+from fs_engine.model_config import ModelArch
+from ipc.messages import SamplingSpec, StepPlan, StepResult
+from workers.attention import AttentionMetadata, get_backend
+from workers.kv_arena import allocate_kv_arena
+from workers.loader import load_model
+from workers.models import ForwardContext
+from workers.parallel import SINGLE, TPContext
+from workers.sampler import Sampler
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: str,
+        arch: ModelArch,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int,
+        attention_backend: str,
+        seed: int,
+        tp: TPContext = SINGLE,
+    ) -> None:
+        self.arch = arch
+        self.dtype = dtype
+        self.device = device
+        self.block_size = block_size
+        self.tp = tp
+        self.model = load_model(model_dir, arch, dtype, device, tp)
+        self.sampler = Sampler(seed, device)
+        self.backend_cls = get_backend(attention_backend, device)
+        self.attn = None  # bound to the arena by init_kv_cache
+        self.kv_arena: torch.Tensor | None = None
+        self._specs: dict[str, SamplingSpec] = {}
+        num_heads = arch.num_heads // tp.size
+        self.num_heads = num_heads
+        self.num_kv_heads = max(1, arch.num_kv_heads // tp.size)
+
+    def kv_layout(self, dtype_name: str) -> KVLayout:
+        return KVLayout(self.arch.num_layers, self.block_size, self.num_kv_heads, self.arch.head_dim, dtype_name)
+
+    def init_kv_cache(self, layout: KVLayout, num_blocks: int) -> None:
+        self.kv_arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device)
+        self.attn = self.backend_cls(self.kv_arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        start = time.perf_counter()
+        for new in plan.new_requests:
+            self._specs[new.request_id] = new.sampling
+        for request_id in plan.finished_ids:
+            self._specs.pop(request_id, None)
+        result = StepResult(step_id=plan.step_id)
+        if plan.chunks:
+            token_ids, positions, meta, sample_rows = self._prepare(plan)
+            hidden = self.model(token_ids, positions, ForwardContext(self.attn, meta))
+            sampled = [c for c in plan.chunks if c.sample]
+            if sampled:
+                logits = self.model.compute_logits(hidden[sample_rows])
+                specs = [self._specs[c.request_id] for c in sampled]
+                result.token_ids = self.sampler(logits, specs, [c.sample_index for c in sampled])
+                result.request_ids = [c.request_id for c in sampled]
+        result.execute_s = time.perf_counter() - start
+        return result
+
+    def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        max_blocks = max(len(c.block_ids) for c in plan.chunks)
+        tables = torch.zeros(len(plan.chunks), max_blocks, dtype=torch.int32)
+        for i, chunk in enumerate(plan.chunks):
+            n = len(chunk.token_ids)
+            pos = range(chunk.start_pos, chunk.start_pos + n)
+            token_ids.extend(chunk.token_ids)
+            positions.extend(pos)
+            slots.extend(chunk.block_ids[p // bs] * bs + p % bs for p in pos)
+            query_start.append(query_start[-1] + n)
+            seq_lens.append(chunk.start_pos + n)
+            tables[i, : len(chunk.block_ids)] = torch.tensor(chunk.block_ids, dtype=torch.int32)
+            if chunk.sample:
+                sample_rows.append(query_start[-1] - 1)
+        dev = self.device
+        query_lens = [b - a for a, b in zip(query_start, query_start[1:])]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=tables.to(dev),
+            query_lens_host=query_lens,
+            seq_lens_host=seq_lens,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+        )
+        return (
+            torch.tensor(token_ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            meta,
+            torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+        )

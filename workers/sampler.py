@@ -1,0 +1,65 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with per-request seeds.
+
+Sampling uses the exponential race: ``argmax(probs / E)`` with ``E ~ Exp(1)`` draws from ``probs`` exactly.
+A seeded request draws its noise from a generator keyed on (seed, output index), so its tokens depend on
+nothing but its own logits: not on batch composition, not on preemption and recompute.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ipc.messages import SamplingSpec
+
+_SEED_STRIDE = 1_000_003  # mixes the output index into the seed; any odd constant larger than max_tokens
+
+
+class Sampler:
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, specs: list[SamplingSpec], indices: list[int]) -> list[int]:
+        """logits: [num_rows, vocab] float32; specs/indices: per row. Returns one token id per row."""
+        greedy_tokens = logits.argmax(dim=-1)
+        if all(spec.greedy for spec in specs):
+            return greedy_tokens.tolist()
+        probs = self._probabilities(logits, specs)
+        noise = torch.empty_like(probs)
+        for row, (spec, index) in enumerate(zip(specs, indices)):
+            if spec.seed is None:
+                noise[row].exponential_(generator=self.generator)
+            else:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed((spec.seed * _SEED_STRIDE + index) % (2**63))
+                noise[row].exponential_(generator=gen)
+        sampled = (probs / noise).argmax(dim=-1)
+        is_greedy = torch.tensor([spec.greedy for spec in specs], device=logits.device)
+        return torch.where(is_greedy, greedy_tokens, sampled).tolist()
+
+    def _probabilities(self, logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+        temps = torch.tensor([spec.temperature or 1.0 for spec in specs], device=logits.device)
+        logits = logits / temps[:, None]
+        top_k = [spec.top_k for spec in specs]
+        top_p = [spec.top_p for spec in specs]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            logits = _apply_top_k_top_p(logits, top_k, top_p)
+        return logits.softmax(dim=-1)
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Set to -inf every logit outside its row's top-k and outside the smallest top-p nucleus."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=logits.device)
+    drop = ranks >= k[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # a token stays if the mass strictly before it is below p: the most likely token always stays
+    mass_before = probs.cumsum(dim=-1) - probs
+    p = torch.tensor(top_p, device=logits.device)
+    drop = mass_before >= p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
