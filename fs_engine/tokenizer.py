@@ -46,10 +46,17 @@ class IncrementalDetokenizer:
     def append(self, token_id: int) -> str | None:
         """Add one token. Returns the stop string matched (the text is then cut before it), else None."""
         self._ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str | None:
+        """The request ended: emit text held back for an incomplete character (as U+FFFD, like decode())."""
+        return self._emit(final=True) if self._read_offset < len(self._ids) else None
+
+    def _emit(self, final: bool) -> str | None:
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
-            return None  # an incomplete character, or a token that decodes to nothing yet
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+            return None  # a token that decodes to nothing yet, or an incomplete character
         new_text = full[len(prefix) :]
         search_from = max(0, len(self.text) - self._max_stop_len + 1)
         self.text += new_text

@@ -165,8 +165,11 @@ class LLMEngine:
             status = RequestStatus.FINISHED_STOPPED
         elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
             status = RequestStatus.FINISHED_LENGTH
-        if status is not None:
-            self._finish(request, status)
+        if status is None:
+            return
+        if detok is not None and detok.flush() is not None:
+            status = RequestStatus.FINISHED_STOPPED  # the held-back tail completed a stop string
+        self._finish(request, status)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish(request, status)
@@ -177,7 +180,7 @@ class LLMEngine:
 
     def _output(self, request: Request) -> RequestOutput:
         finished = request.status.finished
-        detok = self._detokenizers.pop(request.request_id) if finished else self._detokenizers.get(request.request_id)
+        detok = (self._detokenizers.pop if finished else self._detokenizers.get)(request.request_id, None)
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny real-architecture checkpoints, built once per test session, and the HF reference."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # the embedded default model is generated into a per-session cache, never the user's home
+    os.environ.setdefault("FS_ENGINE_CACHE", str(tmp_path_factory.mktemp("fs_engine_cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from fs_engine.tiny_model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: make_tiny_model(arch, root / arch, seed=0) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny_model(request: pytest.FixtureRequest, tiny_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dirs[request.param]
+
+
+def random_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lengths]
+
+
+class HFReference:
+    """Greedy generation with transformers in float32 on CPU: the correctness oracle."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self.gen_config = GenerationConfig.from_pretrained(str(model_dir))
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
+        torch = self.torch
+        ids = torch.tensor([prompt_ids])
+        eos = self.gen_config.eos_token_id if stop_at_eos else None
+        with torch.no_grad():
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=0,
+            )
+        return out[0, len(prompt_ids) :].tolist()
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    cache: dict[Path, HFReference] = {}
+
+    def get(model_dir: Path) -> HFReference:
+        if model_dir not in cache:
+            cache[model_dir] = HFReference(model_dir)
+        return cache[model_dir]
+
+    return get

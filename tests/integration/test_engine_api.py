@@ -1,0 +1,203 @@
+"""The user-facing API of the engine: sampling, stop rules, the step loop, and errors on bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from fs_engine import LLM, LLMEngine, SamplingParams
+from tests.conftest import random_prompts
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dirs):
+    return LLM(tiny_model_dirs["qwen2"])
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    return random_prompts(512, [3 + 7 * i for i in range(n)], seed=seed)
+
+
+# ---- sampling --------------------------------------------------------------------------------------------
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
+    prompts = _prompts(6)
+    seeded = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234)
+    alone = llm.generate([prompts[2]], seeded)[0].token_ids
+    others = SamplingParams(max_tokens=30, temperature=1.0)  # unseeded neighbours with other lengths
+    batch = llm.generate(prompts, [others, others, seeded, others, others, others])
+    assert batch[2].token_ids == alone
+    again = llm.generate([prompts[2]], seeded)[0].token_ids
+    assert again == alone
+
+
+def test_different_seeds_give_different_samples(llm):
+    prompt = _prompts(1)[0]
+    outs = [llm.generate([prompt], SamplingParams(max_tokens=16, temperature=1.0, seed=s))[0].token_ids
+            for s in range(4)]
+    assert len({tuple(o) for o in outs}) > 1
+
+
+def test_top_k_one_equals_greedy(llm):
+    prompts = _prompts(4, seed=9)
+    greedy = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    top1 = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=1.3, top_k=1, ignore_eos=True))
+    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+
+
+# ---- stop rules ------------------------------------------------------------------------------------------
+def test_max_tokens_finishes_with_length(llm):
+    out = llm.generate(_prompts(1), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length" and out.finished
+
+
+def test_stop_token_ids_stop_generation(llm):
+    prompt = _prompts(1)[0]
+    free = llm.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].token_ids
+    stop_at = free[10]
+    first = free.index(stop_at)
+    out = llm.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                stop_token_ids=[stop_at]))[0]
+    assert out.token_ids == free[: first + 1] and out.finish_reason == "stop"
+
+
+def test_stop_string_cuts_the_text(llm):
+    prompt = "The quick brown fox"
+    free = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+    assert len(free.text) > 12
+    stop = free.text[8:11]
+    out = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    cut = free.text.find(stop)
+    assert out.text == free.text[:cut] and out.finish_reason == "stop"
+    assert len(out.token_ids) < len(free.token_ids)
+
+
+def test_eos_stops_unless_ignored(tiny_model_dirs, hf_reference):
+    """Find a prompt whose greedy continuation hits eos; the engine stops there, or runs on with ignore_eos."""
+    model = tiny_model_dirs["qwen3"]
+    ref = hf_reference(model)
+    llm = LLM(model)
+    eos = llm.engine.eos_token_ids
+    for prompt in random_prompts(1000, [4] * 60, seed=11):
+        expected = ref.greedy(prompt, 30)
+        if expected[-1] in eos and len(expected) < 30:
+            break
+    else:
+        pytest.fail("no prompt reached eos; pick another seed")
+    out = llm.generate([prompt], SamplingParams(max_tokens=30, temperature=0))[0]
+    assert out.token_ids == expected and out.finish_reason == "stop"
+    longer = llm.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    assert len(longer.token_ids) == 30 and longer.token_ids[: len(expected)] == expected
+
+
+def test_generation_stops_at_max_model_len(tiny_model_dirs):
+    llm = LLM(tiny_model_dirs["llama"], max_model_len=40)
+    out = llm.generate([list(range(1, 31))], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+
+
+# ---- the step loop ---------------------------------------------------------------------------------------
+def test_engine_step_streams_and_abort_frees_blocks(tiny_model_dirs):
+    engine = LLMEngine(tiny_model_dirs["qwen3"], num_gpu_blocks=64)
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    engine.add_request("a", [5, 6, 7], params)
+    engine.add_request("b", list(range(100, 140)), params)
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    for _ in range(5):
+        for out in engine.step():
+            assert out.token_ids[: len(seen[out.request_id])] == seen[out.request_id]
+            seen[out.request_id] = out.token_ids
+    assert len(seen["a"]) == 5 and len(seen["b"]) == 5
+    assert engine.stats()["num_free_gpu_blocks"] < 64
+    engine.abort("b")
+    with pytest.raises(ValueError, match="unknown request id"):
+        engine.abort("b")
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        assert all(o.request_id == "a" for o in outs)
+    stats = engine.stats()
+    assert stats["num_free_gpu_blocks"] == 64
+    assert stats["num_aborted_requests"] == 1 and stats["num_finished_requests"] == 1
+
+
+def test_outputs_keep_input_order_and_batch_continuously(llm):
+    prompts = _prompts(5, seed=4)
+    lengths = [30, 2, 17, 1, 9]
+    before = llm.stats()["num_steps"]
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths])
+    assert [len(o.token_ids) for o in outs] == lengths
+    assert [o.prompt_token_ids for o in outs] == prompts
+    # batched: the whole call takes about as many steps as its longest request, not the sum
+    assert llm.stats()["num_steps"] - before <= 31
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
+)
+def test_bad_sampling_params_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_raise_and_leave_nothing_queued(llm):
+    engine = llm.engine
+    free = engine.stats()["num_free_gpu_blocks"]
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[1, 2, 3], []])
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([[1] * engine.max_model_len])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[1, 2, 10**6]])
+    with pytest.raises(ValueError, match="string or a list of int"):
+        llm.generate([3.5])
+    assert not engine.has_unfinished_requests()
+    assert engine.stats()["num_free_gpu_blocks"] == free
+
+
+def test_bad_engine_arguments_raise(tiny_model_dirs, tmp_path):
+    model = tiny_model_dirs["llama"]
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLM(model, max_num_seq=4)  # typo: the message suggests the right name
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(tmp_path)
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(model, max_model_len=10**6)
+    bad = tmp_path / "gpt2"
+    shutil.copytree(model, bad)
+    (bad / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        LLM(bad)
+
+
+def test_request_that_can_never_fit_is_rejected(tiny_model_dirs):
+    llm = LLM(tiny_model_dirs["llama"], num_gpu_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm.generate([[1] * 10], SamplingParams(max_tokens=20))
+    assert llm.generate([[1] * 10], SamplingParams(max_tokens=6, ignore_eos=True))[0].finish_reason == "length"
+
+
+def test_checkpoint_without_tokenizer_serves_token_ids(tmp_path):
+    from fs_engine.tiny_model import make_tiny_model
+
+    model = make_tiny_model("qwen2", tmp_path / "bare", seed=2, with_tokenizer=False)
+    llm = LLM(model)
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4 and out.text == ""
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate("some text")
+
+
+def test_default_model_generates():
+    llm = LLM()  # the embedded tiny default model, generated into FS_ENGINE_CACHE on first use
+    outs = llm.generate(["Hello", "Tell me a story"], SamplingParams(max_tokens=8, temperature=0))
+    assert all(1 <= len(o.token_ids) <= 8 for o in outs)
+    assert llm.engine.arch.family == "qwen3"
