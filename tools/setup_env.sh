@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs fs-engine with its test extra into it; sourced by quickstart.sh and test.sh.
+# Without an NVIDIA GPU it installs the CPU build torch==2.13.0 first: a plain `torch` requirement would
+# otherwise pull several GB of CUDA wheels.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${FS_ENGINE_VENV:-$root/.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating $venv" >&2
+  "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[setup] GPU found: installing torch with CUDA" >&2
+    "${pip[@]}" install torch
+  else
+    echo "[setup] no GPU: installing the CPU build torch==2.13.0" >&2
+    "${pip[@]}" install torch==2.13.0
+  fi
+fi
+
+# reinstall only when the package metadata changed (the install is editable, code changes need nothing)
+stamp="$venv/.fs_engine_installed"
+digest="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
+  echo "[setup] installing fs-engine[test] (editable)" >&2
+  "${pip[@]}" install -e "$root[test]"
+  echo "$digest" > "$stamp"
+fi
+export PATH="$venv/bin:$PATH"
