@@ -11,15 +11,23 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating $venv" >&2
   "$python" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+log="$venv/setup.log"
+# pip's own chatter goes to a log that is shown only if an install fails
+pip_install() {
+  if ! "$venv/bin/python" -m pip --disable-pip-version-check install "$@" >>"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "[setup] pip install $* failed; full log: $log" >&2
+    exit 1
+  fi
+}
 
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[setup] GPU found: installing torch with CUDA" >&2
-    "${pip[@]}" install torch
+    pip_install torch
   else
     echo "[setup] no GPU: installing the CPU build torch==2.13.0" >&2
-    "${pip[@]}" install torch==2.13.0
+    pip_install torch==2.13.0
   fi
 fi
 
@@ -28,7 +36,7 @@ stamp="$venv/.fs_engine_installed"
 digest="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
   echo "[setup] installing fs-engine[test] (editable)" >&2
-  "${pip[@]}" install -e "$root[test]"
+  pip_install -e "$root[test]"
   echo "$digest" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

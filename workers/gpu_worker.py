@@ -58,6 +58,11 @@ class Worker:
 
     def init_kv_cache(self) -> int:
         """Size and allocate the KV arena; returns the number of blocks (the frontend manages them)."""
+        if self.device.type == "cuda" and self.config.cache.num_gpu_blocks is None:
+            # measure the activation peak of the largest step, so the arena leaves room for it
+            self.runner.profile_run(self.layout, self.config.scheduler.max_num_batched_tokens)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
         per_seq = blocks_for(self.max_model_len, self.layout.block_size)
         max_useful = self.config.scheduler.max_num_seqs * per_seq
         self.num_blocks = num_kv_blocks(self.config.cache, self.layout, self.device, max_useful)

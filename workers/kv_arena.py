@@ -23,8 +23,10 @@ def kv_budget_bytes(cache: CacheConfig, device: torch.device) -> int:
     if device.type != "cuda":
         return DEFAULT_CPU_KV_BYTES
     free, total = torch.cuda.mem_get_info(device)
-    used_by_others_and_us = total - free
-    # the peak of a profiling forward pass is already counted in `used` (see ModelRunner.profile_run)
+    used_now = total - free  # weights, CUDA context, other processes
+    # ModelRunner.profile_run ran the largest step; its activations came and went, but they will again
+    activation_peak = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+    used_by_others_and_us = used_now + activation_peak
     budget = int(total * cache.gpu_memory_utilization) - used_by_others_and_us
     if budget <= 0:
         raise ValueError(

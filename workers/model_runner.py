@@ -12,7 +12,7 @@ import torch
 
 from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
-from ipc.messages import SamplingSpec, StepPlan, StepResult
+from ipc.messages import SamplingSpec, ScheduledChunk, StepPlan, StepResult
 from workers.attention import AttentionMetadata, get_backend
 from workers.kv_arena import allocate_kv_arena
 from workers.loader import load_model
@@ -55,6 +55,19 @@ class ModelRunner:
     def init_kv_cache(self, layout: KVLayout, num_blocks: int) -> None:
         self.kv_arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device)
         self.attn = self.backend_cls(self.kv_arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
+
+    @torch.inference_mode()
+    def profile_run(self, layout: KVLayout, num_tokens: int) -> None:
+        """Run the largest step the scheduler can plan (one prefill of ``num_tokens``) against a throwaway
+        arena, so the allocator's peak includes activations before the real arena is sized."""
+        num_blocks = -(-num_tokens // self.block_size)
+        arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device)
+        attn = self.backend_cls(arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
+        chunk = ScheduledChunk("profile", [0] * num_tokens, 0, list(range(num_blocks)), sample=True)
+        token_ids, positions, meta, rows = self._prepare(StepPlan(step_id=0, chunks=[chunk]))
+        hidden = self.model(token_ids, positions, ForwardContext(attn, meta))
+        self.model.compute_logits(hidden[rows])
+        del arena, attn, hidden
 
     # ---- one step ----------------------------------------------------------------------------------------
     @torch.inference_mode()

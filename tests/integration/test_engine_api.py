@@ -201,3 +201,15 @@ def test_default_model_generates():
     outs = llm.generate(["Hello", "Tell me a story"], SamplingParams(max_tokens=8, temperature=0))
     assert all(1 <= len(o.token_ids) <= 8 for o in outs)
     assert llm.engine.arch.family == "qwen3"
+
+
+def test_bfloat16_runs_and_mostly_agrees_with_float32(tiny_model_dirs):
+    """bfloat16 (the GPU default) on CPU: same code path, rounding may flip a late greedy token."""
+    prompts = random_prompts(512, [8, 40], seed=6)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    fp32 = LLM(tiny_model_dirs["llama"]).generate(prompts, params)
+    bf16_llm = LLM(tiny_model_dirs["llama"], dtype="bfloat16")
+    assert str(bf16_llm.engine.executor.worker.runner.kv_arena.dtype) == "torch.bfloat16"
+    bf16 = bf16_llm.generate(prompts, params)
+    assert all(len(o.token_ids) == 12 for o in bf16)
+    assert any(a.token_ids[:2] == b.token_ids[:2] for a, b in zip(fp32, bf16))
