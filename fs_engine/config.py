@@ -27,6 +27,21 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
 
 
+def _check_types(cfg: Any) -> None:
+    """Reject values of the wrong type (a float block size, a string count) before any range check."""
+    for f in dataclasses.fields(cfg):
+        value, annotation = getattr(cfg, f.name), str(f.type)
+        if value is None and "None" in annotation:
+            continue
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if annotation.startswith("int"):
+            _check(is_number and isinstance(value, int), f.name, value, "must be an integer")
+        elif annotation.startswith("float"):
+            _check(is_number, f.name, value, "must be a number")
+        elif annotation.startswith("str"):
+            _check(isinstance(value, str), f.name, value, "must be a string")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = _help("Hugging Face checkpoint directory (config.json + safetensors)", default="")
@@ -36,6 +51,7 @@ class ModelConfig:
     seed: int = _help("seed of the engine's sampler for requests without their own seed", default=0)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {DTYPES}")
         _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", self.max_model_len,
                "must be >= 1")
@@ -51,6 +67,7 @@ class CacheConfig:
     gpu_memory_utilization: float = _help("fraction of GPU memory the engine may use", default=0.9)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
                self.block_size, "must be a power of two >= 1")
         _check(self.num_gpu_blocks is None or self.num_gpu_blocks >= 1, "num_gpu_blocks", self.num_gpu_blocks,
@@ -67,6 +84,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = _help("token budget of one step (longer prompts are chunked)", default=2048)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens,
                "must be >= 1")
@@ -78,6 +96,7 @@ class DeviceConfig:
     attention_backend: str = _help("attention implementation: auto or torch", default="auto")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.device in DEVICES, "device", self.device, f"choose one of {DEVICES}")
         _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
                f"choose one of {ATTENTION_BACKENDS}")

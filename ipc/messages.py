@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PROTOCOL_VERSION = 1
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class SamplingSpec:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, logits / temperature overflows float32; the limit of sampling is argmax anyway
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass(frozen=True)

@@ -73,10 +73,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         start = time.perf_counter()
-        for new in plan.new_requests:
-            self._specs[new.request_id] = new.sampling
+        # forget finished requests first: a finished id may be reused by a new request in the same plan
         for request_id in plan.finished_ids:
             self._specs.pop(request_id, None)
+        for new in plan.new_requests:
+            self._specs[new.request_id] = new.sampling
         result = StepResult(step_id=plan.step_id)
         if plan.chunks:
             token_ids, positions, meta, sample_rows = self._prepare(plan)

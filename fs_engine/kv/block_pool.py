@@ -35,6 +35,8 @@ class FreeListAllocator:
 
     def free(self, block_ids: list[int]) -> None:
         for i in block_ids:
+            if not 0 <= i < self.num_blocks:
+                raise ValueError(f"block id {i} is outside [0, {self.num_blocks})")
             if self._is_free[i]:
                 raise RuntimeError(f"block {i} freed twice")
             self._is_free[i] = True

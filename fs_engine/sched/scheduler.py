@@ -59,7 +59,7 @@ class Scheduler:
         self._finished_for_worker = []
         budget = self.config.max_num_batched_tokens
 
-        preempted = False
+        preemptions_before = self.num_preemptions
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -68,9 +68,9 @@ class Scheduler:
                 self._add_chunk(plan, request, num_new)
                 budget -= num_new
                 i += 1
-            else:
-                preempted = True  # ``request`` itself was preempted; the rest of running already was
+            # else: ``request`` itself was preempted, and everything after it in running already was
         # admit waiting requests only when nobody was just preempted, or the victims would bounce straight back
+        preempted = self.num_preemptions > preemptions_before
         while (
             not preempted
             and self.waiting

@@ -213,3 +213,14 @@ def test_bfloat16_runs_and_mostly_agrees_with_float32(tiny_model_dirs):
     bf16 = bf16_llm.generate(prompts, params)
     assert all(len(o.token_ids) == 12 for o in bf16)
     assert any(a.token_ids[:2] == b.token_ids[:2] for a, b in zip(fp32, bf16))
+
+
+def test_request_id_can_be_reused_right_after_it_finishes(tiny_model_dirs):
+    engine = LLMEngine(tiny_model_dirs["qwen3"], num_gpu_blocks=64)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    engine.add_request("x", [1, 2, 3], params)
+    (first,) = engine.step()
+    assert first.finished
+    engine.add_request("x", [4, 5, 6], params)
+    (second,) = engine.step()
+    assert second.finished and second.prompt_token_ids == [4, 5, 6]

@@ -35,7 +35,8 @@ def test_from_kwargs_leaves_unnamed_fields_at_their_defaults():
 
 def test_field_names_are_unique_across_areas():
     # from_kwargs routes by name alone, so two areas owning one name would silently drop a value
-    names = [f.name for cls in (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig) for f in dataclasses.fields(cls)]
+    areas = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig)
+    names = [f.name for cls in areas for f in dataclasses.fields(cls)]
     assert len(names) == len(set(names))
     assert set(EngineConfig.field_names()) == set(names)
 
@@ -160,3 +161,17 @@ def test_to_spec_carries_sampling_settings():
 def test_sampling_params_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         SamplingParams().max_tokens = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("kwargs", [{"max_num_seqs": 2.5}, {"block_size": "16"}, {"block_size": 16.0},
+                                    {"num_gpu_blocks": True}, {"dtype": 16}])
+def test_wrong_types_raise_value_error_naming_the_field(kwargs):
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=name):
+        EngineConfig.from_kwargs(model="m", **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), -1e-9])
+def test_nan_or_negative_temperature_is_rejected(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=temperature)

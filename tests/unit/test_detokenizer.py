@@ -71,6 +71,35 @@ def test_random_token_sequences_stream_like_a_full_decode(tokenizer):
         detok, _, _ = stream(tokenizer, ids)
         complete = max(j for j in range(len(ids) + 1) if not tokenizer.decode(ids[:j]).endswith("\ufffd"))
         assert detok.text == tokenizer.decode(ids[:complete]), ids
+        detok.flush()  # the request ends: whatever was held back comes out as decode() shows it
+        assert detok.text == tokenizer.decode(ids), ids
+
+
+def test_flush_emits_a_trailing_incomplete_character_like_decode(tokenizer):
+    ids = encode(tokenizer, "naïve")
+    cut = next(j for j in range(1, len(ids)) if tokenizer.decode(ids[:j]).endswith("\ufffd"))
+    detok, _, _ = stream(tokenizer, ids[:cut])
+    assert "\ufffd" not in detok.text
+    assert detok.flush() is None
+    assert detok.text == tokenizer.decode(ids[:cut])
+    assert detok.text.endswith("\ufffd") and detok.text.startswith("n")
+
+
+def test_flush_finds_a_stop_string_in_held_back_text(tokenizer):
+    ids = encode(tokenizer, "naïve")
+    cut = next(j for j in range(1, len(ids)) if tokenizer.decode(ids[:j]).endswith("\ufffd"))
+    held_text = tokenizer.decode(ids[:cut]).rstrip("\ufffd")
+    stop = held_text[-1]  # the last complete character, held back together with the incomplete one
+    detok, _, matched = stream(tokenizer, ids[:cut], stop=(stop,))
+    assert matched is None
+    assert detok.flush() == stop
+    assert detok.text == held_text[: held_text.index(stop)]
+
+
+def test_flush_with_nothing_held_changes_nothing(tokenizer):
+    detok, _, _ = stream(tokenizer, encode(tokenizer, "plain text"))
+    assert detok.flush() is None
+    assert detok.text == "plain text"
 
 
 def test_special_tokens_are_skipped_in_text(tokenizer):
@@ -116,14 +145,14 @@ def test_earliest_stop_string_wins(tokenizer):
 
 
 def test_stop_string_at_the_very_start(tokenizer):
-    detok, fed, matched = stream(tokenizer, encode(tokenizer, "Hello there"), stop=("Hel",))
+    detok, _, matched = stream(tokenizer, encode(tokenizer, "Hello there"), stop=("Hel",))
     assert matched == "Hel"
     assert detok.text == ""
 
 
 def test_no_stop_string_returns_none(tokenizer):
     text = UNICODE_TEXTS[0]
-    detok, fed, matched = stream(tokenizer, encode(tokenizer, text), stop=("xyz", "\n\n"))
+    detok, _, matched = stream(tokenizer, encode(tokenizer, text), stop=("xyz", "\n\n"))
     assert matched is None
     assert detok.text == text
 
@@ -133,6 +162,7 @@ def test_stop_string_made_of_a_special_token_when_specials_are_kept(tokenizer):
     ids = encode(tokenizer, "answer") + [eos] + encode(tokenizer, "junk")
     detok, fed, matched = stream(tokenizer, ids, stop=("<|im_end|>",), skip_special_tokens=False)
     assert matched == "<|im_end|>"
+    assert fed == ids.index(eos) + 1
     assert detok.text == "answer"
 
 

@@ -29,7 +29,9 @@ def llama_raw(**overrides):
     return {k: v for k, v in raw.items() if v is not None or k in overrides}
 
 
-LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_SCALING = {
+    "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+}
 
 
 def test_llama_shape_facts():
@@ -77,10 +79,9 @@ def test_transformers_4_and_5_rope_spellings_agree(v4_scaling, v5_params):
 
 
 def test_llama3_rope_parameters_are_read():
-    rope = parse_model_arch(
-        llama_raw(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0,
-                                                      "high_freq_factor": 8.0, "original_max_position_embeddings": 1024})
-    ).rope
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+               "original_max_position_embeddings": 1024}
+    rope = parse_model_arch(llama_raw(rope_theta=500000.0, rope_scaling=scaling)).rope
     assert rope == RopeConfig(500000.0, "llama3", 32.0, 2.0, 8.0, 1024)
 
 

@@ -67,6 +67,14 @@ def test_top_p_keeps_the_smallest_nucleus():
         assert set(sampler()(logits, specs, [0] * 400)) == nucleus, top_p
 
 
+def test_nucleus_that_reaches_top_p_exactly_stops_there():
+    # powers of two: softmax and cumulative sums are exact, so the boundary is tested, not rounding
+    logits = torch.tensor([0.5, 0.25, 0.125, 0.125]).log().expand(300, 4).contiguous()
+    for top_p, nucleus in {0.5: {0}, 0.75: {0, 1}, 0.875: {0, 1, 2}}.items():
+        specs = [SamplingSpec(temperature=1.0, top_p=top_p, seed=s) for s in range(300)]
+        assert set(sampler()(logits, specs, [0] * 300)) == nucleus, top_p
+
+
 def test_tiny_top_p_still_keeps_the_top_token():
     logits = random_logits(32, 100, seed=3)
     specs = [SamplingSpec(temperature=1.0, top_p=1e-9, seed=s) for s in range(32)]
@@ -138,3 +146,16 @@ def test_frequencies_after_top_k_are_renormalised():
     tokens = sampler()(logits.expand(n, 4), [SamplingSpec(top_k=2)] * n, [0] * n)
     expected = torch.tensor([2.0, 1.0]).softmax(-1)
     torch.testing.assert_close(frequencies(tokens, 4), torch.cat([expected, torch.zeros(2)]), atol=0.025, rtol=0)
+
+
+def test_tiny_temperature_samples_greedily():
+    """logits / 1e-40 overflows float32; such temperatures must behave as their limit, argmax."""
+    import torch
+
+    from ipc.messages import SamplingSpec
+    from workers.sampler import Sampler
+
+    logits = torch.tensor([[0.1, 3.0, -2.0, 2.9], [5.0, 1.0, 0.0, 4.0]])
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    specs = [SamplingSpec(temperature=1e-40, seed=3), SamplingSpec(temperature=1e-9)]
+    assert sampler(logits, specs, [0, 0]) == [1, 0]

@@ -65,7 +65,7 @@ class Harness:
         self._arrivals = 0
 
     def add(self, request_id: str, prompt_len: int, max_tokens: int, seed: int | None = None) -> Request:
-        prompt = [(hash(request_id) + i) % 900 for i in range(prompt_len)]
+        prompt = [(zlib.crc32(request_id.encode()) + i) % 900 for i in range(prompt_len)]
         params = SamplingParams(max_tokens=max_tokens, seed=seed)
         request = Request(request_id, prompt, params, arrival_seq=self._arrivals)
         self._arrivals += 1
@@ -203,6 +203,7 @@ def test_preemption_recomputes_the_most_recently_admitted_request():
     h = Harness(num_blocks=4, block_size=4)
     a = h.add("a", prompt_len=6, max_tokens=8)
     b = h.add("b", prompt_len=5, max_tokens=6)
+    c = h.add("c", prompt_len=3, max_tokens=2)  # no memory left for it: waits
     plan = h.step()
     assert [c.request_id for c in plan.chunks] == ["a", "b"]
     while h.sched.num_preemptions == 0:
@@ -212,7 +213,7 @@ def test_preemption_recomputes_the_most_recently_admitted_request():
     assert b.status is RequestStatus.WAITING and b.num_preemptions == 1 and a.num_preemptions == 0
     assert b.num_computed_tokens == 0 and h.kv.block_ids("b") == []
     assert h.sched.num_recomputed_tokens == computed_b
-    assert list(h.sched.waiting) == [b]
+    assert list(h.sched.waiting) == [b, c]  # the victim resumes before requests that arrived after it
     outputs_when_preempted = list(b.output_token_ids)
     assert outputs_when_preempted  # b had already generated tokens that must be recomputed
 
@@ -221,21 +222,40 @@ def test_preemption_recomputes_the_most_recently_admitted_request():
     resumed = [c for c in chunks_of(h.plans, "b") if c.start_pos == 0][1]
     assert resumed.token_ids == b.prompt_token_ids + outputs_when_preempted
     assert resumed.sample and resumed.sample_index == len(outputs_when_preempted)
+    restarts = [c.request_id for p in h.plans for c in p.chunks if c.start_pos == 0]
+    assert restarts == ["a", "b", "b", "c"]
     # the worker was told about b once; preemption does not re-announce it
-    assert h.worker.ever_seen == ["a", "b"]
-    assert sorted(h.worker.finished) == ["a", "b"]
+    assert h.worker.ever_seen == ["a", "b", "c"]
+    assert sorted(h.worker.finished) == ["a", "b", "c"]
 
 
 def test_preempted_request_does_not_bounce_back_in_the_same_step():
-    h = Harness(num_blocks=4, block_size=4)
-    h.add("a", prompt_len=7, max_tokens=8)
-    h.add("b", prompt_len=8, max_tokens=8)
-    h.step()
-    while h.sched.num_preemptions == 0:
-        plan = h.step()
-    assert [c.request_id for c in plan.chunks] == ["a"]
+    # 3 blocks of 4 tokens, 3 tokens a step: r1 is preempted while enough memory is left to readmit its first
+    # chunk at once, which would only throw that work away again
+    h = Harness(num_blocks=3, block_size=4, max_num_batched_tokens=3)
+    h.add("r0", prompt_len=4, max_tokens=6)
+    r1 = h.add("r1", prompt_len=6, max_tokens=6)
+    for _ in range(3):
+        h.step()
+    plan = h.step()
+    assert h.sched.num_preemptions == 1 and r1.status is RequestStatus.WAITING
+    assert [(c.request_id, c.start_pos) for c in plan.chunks] == [("r0", 5)]
     h.run()
     h.check_all_done()
+
+
+def test_victim_of_another_request_does_not_bounce_back_in_the_same_step():
+    # 3 blocks of 2 tokens: at step 3 r0 needs a second block and evicts r1, whose freed blocks would let r1's
+    # first recompute chunk in again at once (the scheduler's comment says waiting requests are not admitted
+    # in a step that preempted anyone)
+    h = Harness(num_blocks=3, block_size=2, max_num_batched_tokens=3)
+    h.add("r0", prompt_len=1, max_tokens=3)
+    r1 = h.add("r1", prompt_len=2, max_tokens=3)
+    h.step()
+    h.step()
+    plan = h.step()
+    assert h.sched.num_preemptions == 1 and r1.num_preemptions == 1
+    assert [c.request_id for c in plan.chunks] == ["r0"]
 
 
 def test_request_that_cannot_grow_preempts_itself_when_it_is_the_most_recent():
