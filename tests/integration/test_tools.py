@@ -1,0 +1,27 @@
+"""Smoke tests: every benchmark in tools/ runs end to end at tiny size and reports what it promises."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def run_tool(name: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    runpy.run_path(str(TOOLS / name), run_name="__main__")
+
+
+def test_bench_offline_reports_a_ratio(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "offline.json"
+    run_tool("bench_offline.py", ["--preset", "test", "--num-prompts", "3", "--max-len", "40",
+                                  "--max-tokens", "6", "--repeats", "1", "--json", str(out)], monkeypatch)
+    result = json.loads(out.read_text())
+    assert result["fs_engine_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
+    assert result["identical_outputs"] == "3/3"
+    assert "ratio" in capsys.readouterr().out
