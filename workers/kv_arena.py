@@ -12,8 +12,10 @@ DEFAULT_CPU_KV_BYTES = 2 << 30  # 2 GiB when the user names no size on a CPU-onl
 
 def allocate_kv_arena(layout: KVLayout, num_blocks: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
-    # empty, not zeros: no kernel reads a slot before writing it, and on CPU untouched pages cost no memory
-    return torch.empty(layout.arena_shape(num_blocks), dtype=dtype, device=device)
+    # zeros, not empty: attention reads whole blocks, including the unwritten tail of a request's last
+    # block; those slots are masked out of the softmax, but recycled memory holding NaN would still turn
+    # 0 * NaN into NaN in probs @ V
+    return torch.zeros(layout.arena_shape(num_blocks), dtype=dtype, device=device)
 
 
 def kv_budget_bytes(cache: CacheConfig, device: torch.device) -> int:

@@ -165,3 +165,30 @@ def test_prefill_in_chunks_equals_prefill_at_once():
         parts.append(backend.forward(0, q[start:end], k[start:end], v[start:end], make_meta([table], [start], [size])))
         start = end
     torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_arena_starts_zeroed_so_unwritten_slots_cannot_poison_attention():
+    """Attention reads whole blocks, including the unwritten tail of a request's last block. Those slots are
+    masked out of the softmax, but NaN there would still give 0 * NaN = NaN in probs @ V, so the arena must
+    never start with recycled memory: it is allocated zeroed, and then only ever receives real K/V."""
+    import torch
+
+    from fs_engine.kv.layout import KVLayout
+    from workers.attention.backend import AttentionMetadata
+    from workers.attention.torch_backend import TorchAttentionBackend
+    from workers.kv_arena import allocate_kv_arena
+
+    layout = KVLayout(num_layers=1, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+    for _ in range(3):  # recycle memory that held NaN: the allocator may hand the same pages back
+        junk = torch.full(layout.arena_shape(6), float("nan"))
+        del junk
+        arena = allocate_kv_arena(layout, 6, torch.float32, torch.device("cpu"))
+        assert torch.count_nonzero(arena) == 0
+    backend = TorchAttentionBackend(arena, 4, 2, 8)
+    seq_len = 6  # blocks [3, 1]: block 1 holds 2 written slots and 2 never written
+    q, k, v = torch.randn(seq_len, 4, 8), torch.randn(seq_len, 2, 8), torch.randn(seq_len, 2, 8)
+    table = torch.tensor([[3, 1]], dtype=torch.int32)
+    slots = torch.tensor([3 * 4 + i for i in range(4)] + [1 * 4 + i for i in range(2)])
+    meta = AttentionMetadata(slots, torch.tensor([0, seq_len], dtype=torch.int32),
+                             torch.tensor([seq_len], dtype=torch.int32), table, [seq_len], [seq_len], seq_len, seq_len)
+    assert torch.isfinite(backend.forward(0, q, k, v, meta)).all()

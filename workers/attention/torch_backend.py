@@ -39,10 +39,10 @@ class TorchAttentionBackend(AttentionBackend):
         arena, so a single index_select over slabs copies whole slabs instead of scattered elements.
         """
         arena = self.kv_arena
+        lead = block_table.shape[:-1]
         slabs = arena[:, layer].view(arena.shape[0], -1)  # [num_blocks, 2 * block_size * kv_heads * head_dim]
         kv = slabs.index_select(0, block_table.reshape(-1).long())
-        kv = kv.view(*block_table.shape[:-1], -1, 2, self.block_size, self.num_kv_heads, self.head_dim)
-        lead = block_table.shape[:-1]
+        kv = kv.view(*lead, -1, 2, self.block_size, self.num_kv_heads, self.head_dim)
         k = kv.select(-4, 0).reshape(*lead, -1, self.num_kv_heads, self.head_dim)
         v = kv.select(-4, 1).reshape(*lead, -1, self.num_kv_heads, self.head_dim)
         return k, v
