@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+BLOCK_ALLOCATORS = ("group", "block")
+COPY_GRANULARITIES = ("group", "block", "block_layer")
+POLICIES = ("fcfs", "priority", "vtc")
+PREEMPTION_MODES = ("swap", "recompute")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch")
 
@@ -65,9 +69,19 @@ class CacheConfig:
         "memory for the KV arena in GiB (default: 2 GiB on CPU, gpu_memory_utilization on GPU)", default=None
     )
     gpu_memory_utilization: float = _help("fraction of GPU memory the engine may use", default=0.9)
+    block_allocator: str = _help("device KV allocation: group (contiguous runs) or block (vLLM free list)",
+                                 default="group")
+    num_cpu_blocks: int | None = _help("KV blocks in host memory for swapped-out requests (overrides cpu_kv_gb)",
+                                       default=None)
+    cpu_kv_gb: float = _help("host memory for swapped-out KV in GiB", default=4.0)
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check(self.block_allocator in BLOCK_ALLOCATORS, "block_allocator", self.block_allocator,
+               f"choose one of {BLOCK_ALLOCATORS}")
+        _check(self.num_cpu_blocks is None or self.num_cpu_blocks >= 0, "num_cpu_blocks", self.num_cpu_blocks,
+               "must be >= 0 (0 = no swap space: preemption recomputes)")
+        _check(self.cpu_kv_gb >= 0, "cpu_kv_gb", self.cpu_kv_gb, "must be >= 0")
         _check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
                self.block_size, "must be a power of two >= 1")
         _check(self.num_gpu_blocks is None or self.num_gpu_blocks >= 1, "num_gpu_blocks", self.num_gpu_blocks,
@@ -78,13 +92,60 @@ class CacheConfig:
                "must be in (0, 1]")
 
 
+def _parse_weights(value: Any) -> tuple[tuple[str, float], ...]:
+    """'a=3,b=1', a dict or pairs -> sorted ((tenant, weight), ...) with every weight > 0."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        pairs = []
+        for item in value.split(","):
+            name, sep, weight = item.partition("=")
+            _check(bool(sep and name.strip()), "tenant_weights", value, "write it as 'tenant=weight,...'")
+            try:
+                pairs.append((name.strip(), float(weight)))
+            except ValueError:
+                _check(False, "tenant_weights", value, f"weight {weight!r} of {name!r} is not a number")
+    else:
+        pairs = list(value.items()) if isinstance(value, dict) else [tuple(p) for p in value]
+    for name, weight in pairs:
+        _check(isinstance(weight, (int, float)) and weight > 0, "tenant_weights", value,
+               f"the weight of {name!r} must be a number > 0")
+    return tuple(sorted((str(n), float(w)) for n, w in pairs))
+
+
+@dataclass(frozen=True)
+class SwapConfig:
+    copy_granularity: str = _help("copy calls per swap: group (one per contiguous run), block (one per block), "
+                                  "block_layer (one per block, layer and K/V, as vLLM v0)", default="group")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check(self.copy_granularity in COPY_GRANULARITIES, "copy_granularity", self.copy_granularity,
+               f"choose one of {COPY_GRANULARITIES}")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = _help("most requests in one step's batch", default=128)
     max_num_batched_tokens: int = _help("token budget of one step (longer prompts are chunked)", default=2048)
+    policy: str = _help("who runs first: fcfs (arrival), priority (lower value first), vtc (fair share "
+                        "across tenants)", default="fcfs")
+    preemption_mode: str = _help("how a preempted request gives up its KV: swap (to host memory) or "
+                                 "recompute (drop it)", default="swap")
+    tenant_weights: Any = _help("vtc service weights, e.g. 'alice=3,bob=1' (unlisted tenants weigh 1)",
+                                default=None)
+    preemption_cooldown_steps: int = _help(
+        "steps a request runs after being scheduled in before a higher-ranked one may preempt it "
+        "(anti-thrashing; memory growth may still preempt it)", default=4)
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check(self.policy in POLICIES, "policy", self.policy, f"choose one of {POLICIES}")
+        _check(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", self.preemption_mode,
+               f"choose one of {PREEMPTION_MODES}")
+        _check(self.preemption_cooldown_steps >= 0, "preemption_cooldown_steps", self.preemption_cooldown_steps,
+               "must be >= 0")
+        object.__setattr__(self, "tenant_weights", _parse_weights(self.tenant_weights))
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens,
                "must be >= 1")
@@ -102,7 +163,13 @@ class DeviceConfig:
                f"choose one of {ATTENTION_BACKENDS}")
 
 
-AREAS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "device": DeviceConfig}
+AREAS = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "swap": SwapConfig,
+    "device": DeviceConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -110,6 +177,7 @@ class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    swap: SwapConfig = SwapConfig()
     device: DeviceConfig = DeviceConfig()
 
     @staticmethod

@@ -10,8 +10,9 @@ from fs_engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
+    WAITING = "waiting"  # no KV anywhere: not started, or preempted by recompute
+    RUNNING = "running"  # KV on the device
+    SWAPPED = "swapped"  # KV in host memory, swapped out by a preemption
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"
@@ -66,6 +67,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         self.sent_to_worker = False
+        self.scheduled_in_step = 0  # step in which it was last admitted or swapped in (anti-thrashing)
+        self.num_prompt_tokens_served = 0  # prompt tokens computed at least once (fair-share accounting)
 
     @property
     def num_prompt_tokens(self) -> int:

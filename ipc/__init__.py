@@ -10,6 +10,7 @@ from ipc.messages import (
     ScheduledChunk,
     StepPlan,
     StepResult,
+    SwapRun,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "ScheduledChunk",
     "StepPlan",
     "StepResult",
+    "SwapRun",
 ]

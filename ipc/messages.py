@@ -55,12 +55,23 @@ class ScheduledChunk:
     sample_index: int = 0
 
 
+# (src_start, dst_start, num_blocks): blocks src_start.. move to dst_start..; one copy at group granularity
+SwapRun = tuple[int, int, int]
+
+
 @dataclass
 class StepPlan:
+    """One step for every rank. The worker executes, in this order: ``swap_out`` runs (device -> host),
+    ``swap_in`` runs (host -> device), then the forward pass over ``chunks``. The frontend relies on that
+    order: device blocks freed by a swap-out may be the destination of a swap-in or of new KV in the same plan.
+    """
+
     step_id: int
     chunks: list[ScheduledChunk] = field(default_factory=list)
     new_requests: list[NewRequest] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
+    swap_out: list[SwapRun] = field(default_factory=list)  # (device_start, host_start, n)
+    swap_in: list[SwapRun] = field(default_factory=list)  # (host_start, device_start, n)
 
     @property
     def num_tokens(self) -> int:
@@ -75,3 +86,7 @@ class StepResult:
     request_ids: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     execute_s: float = 0.0
+    swap_copies: int = 0  # copy calls issued for the plan's swaps
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    swap_s: float = 0.0  # time spent in swaps before the forward pass

@@ -13,7 +13,7 @@ from fs_engine.kv.kv_manager import blocks_for
 from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
 from ipc.messages import StepPlan, StepResult
-from workers.kv_arena import num_kv_blocks
+from workers.kv_arena import num_host_blocks, num_kv_blocks
 from workers.model_runner import ModelRunner
 from workers.parallel import SINGLE, TPContext
 
@@ -56,8 +56,9 @@ class Worker:
         self.layout: KVLayout = self.runner.kv_layout(self.dtype_name)
         self.num_blocks = 0
 
-    def init_kv_cache(self) -> int:
-        """Size and allocate the KV arena; returns the number of blocks (the frontend manages them)."""
+    def init_kv_cache(self) -> tuple[int, int]:
+        """Size and allocate the device and host KV arenas; returns their block counts (the frontend manages
+        the blocks)."""
         if self.device.type == "cuda" and self.config.cache.num_gpu_blocks is None:
             # measure the activation peak of the largest step, so the arena leaves room for it
             self.runner.profile_run(self.layout, self.config.scheduler.max_num_batched_tokens)
@@ -66,8 +67,9 @@ class Worker:
         per_seq = blocks_for(self.max_model_len, self.layout.block_size)
         max_useful = self.config.scheduler.max_num_seqs * per_seq
         self.num_blocks = num_kv_blocks(self.config.cache, self.layout, self.device, max_useful)
-        self.runner.init_kv_cache(self.layout, self.num_blocks)
-        return self.num_blocks
+        self.num_host_blocks = num_host_blocks(self.config.cache, self.layout, max_useful)
+        self.runner.init_kv_cache(self.layout, self.num_blocks, self.num_host_blocks, self.config.swap.copy_granularity)
+        return self.num_blocks, self.num_host_blocks
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)

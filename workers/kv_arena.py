@@ -7,7 +7,7 @@ import torch
 from fs_engine.config import CacheConfig
 from fs_engine.kv.layout import KVLayout
 
-DEFAULT_CPU_KV_BYTES = 2 << 30  # 2 GiB when the user names no size on a CPU-only machine
+DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB when the user names no size on a CPU-only machine
 
 
 def allocate_kv_arena(layout: KVLayout, num_blocks: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -16,6 +16,20 @@ def allocate_kv_arena(layout: KVLayout, num_blocks: int, dtype: torch.dtype, dev
     # block; those slots are masked out of the softmax, but recycled memory holding NaN would still turn
     # 0 * NaN into NaN in probs @ V
     return torch.zeros(layout.arena_shape(num_blocks), dtype=dtype, device=device)
+
+
+def allocate_host_arena(layout: KVLayout, num_blocks: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """Host arena for swapped-out KV, same block layout as the device arena. Pinned (page-locked) when a
+    CUDA device will copy to it, so each run moves with one DMA; pin_memory() raises without CUDA."""
+    # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]; every block is written (swap-out)
+    # before it is read (swap-in), so no zeroing is needed
+    return torch.empty(layout.arena_shape(num_blocks), dtype=dtype, pin_memory=pin and torch.cuda.is_available())
+
+
+def num_host_blocks(cache: CacheConfig, layout: KVLayout, max_useful_blocks: int) -> int:
+    if cache.num_cpu_blocks is not None:
+        return cache.num_cpu_blocks
+    return min(layout.num_blocks_for_bytes(int(cache.cpu_kv_gb * (1 << 30))), max_useful_blocks)
 
 
 def kv_budget_bytes(cache: CacheConfig, device: torch.device) -> int:

@@ -14,11 +14,12 @@ from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
 from ipc.messages import SamplingSpec, ScheduledChunk, StepPlan, StepResult
 from workers.attention import AttentionMetadata, get_backend
-from workers.kv_arena import allocate_kv_arena
+from workers.kv_arena import allocate_host_arena, allocate_kv_arena
 from workers.loader import load_model
 from workers.models import ForwardContext
 from workers.parallel import SINGLE, TPContext
 from workers.sampler import Sampler
+from workers.swap.copier import KVCopier
 
 
 class ModelRunner:
@@ -44,6 +45,8 @@ class ModelRunner:
         self.backend_cls = get_backend(attention_backend, device)
         self.attn = None  # bound to the arena by init_kv_cache
         self.kv_arena: torch.Tensor | None = None
+        self.host_arena: torch.Tensor | None = None
+        self.copier: KVCopier | None = None
         self._specs: dict[str, SamplingSpec] = {}
         num_heads = arch.num_heads // tp.size
         self.num_heads = num_heads
@@ -52,9 +55,13 @@ class ModelRunner:
     def kv_layout(self, dtype_name: str) -> KVLayout:
         return KVLayout(self.arch.num_layers, self.block_size, self.num_kv_heads, self.arch.head_dim, dtype_name)
 
-    def init_kv_cache(self, layout: KVLayout, num_blocks: int) -> None:
+    def init_kv_cache(self, layout: KVLayout, num_blocks: int, num_host_blocks: int, granularity: str) -> None:
         self.kv_arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device)
         self.attn = self.backend_cls(self.kv_arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
+        if num_host_blocks > 0:
+            pin = self.device.type == "cuda"
+            self.host_arena = allocate_host_arena(layout, num_host_blocks, self.dtype, pin)
+            self.copier = KVCopier(self.kv_arena, self.host_arena, granularity)
 
     @torch.inference_mode()
     def profile_run(self, layout: KVLayout, num_tokens: int) -> None:
@@ -79,6 +86,8 @@ class ModelRunner:
         for new in plan.new_requests:
             self._specs[new.request_id] = new.sampling
         result = StepResult(step_id=plan.step_id)
+        if plan.swap_out or plan.swap_in:
+            self._swap(plan, result)
         if plan.chunks:
             token_ids, positions, meta, sample_rows = self._prepare(plan)
             hidden = self.model(token_ids, positions, ForwardContext(self.attn, meta))
@@ -90,6 +99,18 @@ class ModelRunner:
                 result.request_ids = [c.request_id for c in sampled]
         result.execute_s = time.perf_counter() - start
         return result
+
+    def _swap(self, plan: StepPlan, result: StepResult) -> None:
+        # swap-outs first: the plan may hand their device blocks to a swap-in or to new KV (StepPlan's contract)
+        if self.copier is None:
+            raise RuntimeError("the plan swaps KV but this worker has no host arena (num_cpu_blocks=0)")
+        start = time.perf_counter()
+        out = self.copier.swap_out(plan.swap_out)
+        into = self.copier.swap_in(plan.swap_in)
+        result.swap_copies = out.calls + into.calls
+        result.swap_out_bytes = out.bytes
+        result.swap_in_bytes = into.bytes
+        result.swap_s = time.perf_counter() - start
 
     def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         bs = self.block_size

@@ -17,7 +17,7 @@ class InProcessExecutor:
         from workers.gpu_worker import Worker  # the frontend imports tensor code only for in-process mode
 
         self.worker = Worker(config, arch, max_model_len)
-        self.num_blocks: int = self.worker.init_kv_cache()
+        self.num_blocks, self.num_cpu_blocks = self.worker.init_kv_cache()
         self.layout: KVLayout = self.worker.layout
         self.device: str = str(self.worker.device)
 

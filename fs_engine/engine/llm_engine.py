@@ -56,15 +56,18 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.executor = InProcessExecutor(self.config, self.arch, self.max_model_len)
         self.block_size = self.config.cache.block_size
-        self.kv = KVCacheManager(self.executor.num_blocks, self.block_size)
-        self.scheduler = Scheduler(self.config.scheduler, self.kv)
+        self.kv = KVCacheManager(self.executor.num_blocks, self.block_size, self.config.cache.block_allocator)
+        # host blocks always come in groups: a swapped request's KV lands in as few runs as possible
+        self.cpu_kv = KVCacheManager(self.executor.num_cpu_blocks, self.block_size, "group")
+        self.scheduler = Scheduler(self.config.scheduler, self.kv, self.cpu_kv)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
         self._counters = dict.fromkeys(
             ("num_steps", "num_prompt_tokens", "num_generated_tokens", "num_batched_tokens",
-             "num_finished_requests", "num_aborted_requests"), 0
+             "num_finished_requests", "num_aborted_requests", "swap_copies", "swap_out_bytes", "swap_in_bytes"), 0
         )
         self._execute_s = 0.0
+        self._swap_s = 0.0
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(
@@ -132,16 +135,26 @@ class LLMEngine:
             raise ValueError(f"unknown request id {request_id!r}: it never existed or has already finished")
         self._finish(request, RequestStatus.FINISHED_ABORTED)
 
+    def update_priority(self, request_id: str, priority: int) -> None:
+        """Change a live request's priority (``policy="priority"``: lower runs first); applies from the next step."""
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        self.scheduler.update_priority(request_id, priority)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
-        if not plan.chunks and not plan.finished_ids:
+        if not plan.chunks and not plan.finished_ids and not plan.swap_out:
             return []
         result = self.executor.execute(plan)
         self._execute_s += result.execute_s
+        self._swap_s += result.swap_s
+        self._counters["swap_copies"] += result.swap_copies
+        self._counters["swap_out_bytes"] += result.swap_out_bytes
+        self._counters["swap_in_bytes"] += result.swap_in_bytes
         if plan.chunks:
             self._counters["num_steps"] += 1
             self._counters["num_batched_tokens"] += plan.num_tokens
@@ -198,10 +211,15 @@ class LLMEngine:
             **self.scheduler.stats(),
             "num_gpu_blocks": self.kv.num_blocks,
             "num_free_gpu_blocks": self.kv.num_free_blocks,
+            "num_cpu_blocks": self.cpu_kv.num_blocks,
+            "num_free_cpu_blocks": self.cpu_kv.num_free_blocks,
+            "mean_groups_per_request": round(self.kv.mean_groups_per_request(), 3),
+            "largest_free_extent_blocks": self.kv.largest_free_extent(),
             "block_size": self.block_size,
             "kv_block_bytes": self.executor.layout.block_bytes,
             "max_model_len": self.max_model_len,
             "execute_s": round(self._execute_s, 6),
+            "swap_s": round(self._swap_s, 6),
         }
 
     def shutdown(self) -> None:

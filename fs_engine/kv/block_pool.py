@@ -25,7 +25,19 @@ class FreeListAllocator:
     def num_free_blocks(self) -> int:
         return len(self._free)
 
-    def allocate(self, n: int) -> list[int] | None:
+    @property
+    def largest_free_extent(self) -> int:
+        """Longest run of consecutive free ids (what one copy could move), computed on demand for stats."""
+        best = run = 0
+        prev = None
+        for b in sorted(self._free):
+            run = run + 1 if prev is not None and b == prev + 1 else 1
+            best = max(best, run)
+            prev = b
+        return best
+
+    def allocate(self, n: int, after: int | None = None) -> list[int] | None:
+        """``n`` ids from the head of the free list (``after`` is ignored: no placement policy)."""
         if n > len(self._free):
             return None
         ids = [self._free.popleft() for _ in range(n)]

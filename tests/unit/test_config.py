@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from fs_engine.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fs_engine.config import AREAS, CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
 from fs_engine.sampling_params import SamplingParams
 
 
@@ -35,7 +35,7 @@ def test_from_kwargs_leaves_unnamed_fields_at_their_defaults():
 
 def test_field_names_are_unique_across_areas():
     # from_kwargs routes by name alone, so two areas owning one name would silently drop a value
-    areas = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig)
+    areas = tuple(AREAS.values())
     names = [f.name for cls in areas for f in dataclasses.fields(cls)]
     assert len(names) == len(set(names))
     assert set(EngineConfig.field_names()) == set(names)
