@@ -25,3 +25,21 @@ def test_bench_offline_reports_a_ratio(tmp_path, monkeypatch, capsys):
     assert result["fs_engine_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
     assert result["identical_outputs"] == "3/3"
     assert "ratio" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("placement", ["contiguous", "scattered"])
+def test_bench_swap_compares_granularities(tmp_path, monkeypatch, placement):
+    out = tmp_path / "swap.json"
+    run_tool("bench_swap.py", ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32",
+                               "--tokens", "64,256", "--repeats", "1", "--placement", placement,
+                               "--json", str(out)], monkeypatch)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [64, 256]
+    for row in rows:
+        blocks = row["blocks"]
+        # the copy calls each pattern needs for a swap-out plus a swap-in
+        assert row["block"]["calls"] == 2 * blocks
+        assert row["block_layer"]["calls"] == 2 * blocks * 2 * 2  # layers x (K, V)
+        if placement == "contiguous":
+            assert row["group"]["calls"] == 2 and row["runs"] == 1
+        assert all(row[g]["gb_per_s"] > 0 for g in ("group", "block", "block_layer"))
