@@ -92,18 +92,26 @@ class BlockGroupAllocator:
         return ids
 
     def free(self, block_ids: list[int]) -> None:
-        for start, length in runs_of(sorted(block_ids)):
+        """Return blocks; all or nothing: a bad id raises before any block is released."""
+        if len(set(block_ids)) != len(block_ids):
+            raise RuntimeError(f"a block appears twice in {sorted(block_ids)}")
+        runs = runs_of(sorted(block_ids))
+        for start, length in runs:
+            self._check_allocated(start, start + length)
+        for start, length in runs:
             self._free_run(start, length)
+
+    def _check_allocated(self, start: int, end: int) -> None:
+        if start < 0 or end > self.num_blocks:
+            raise ValueError(f"blocks {start}..{end - 1} are outside [0, {self.num_blocks})")
+        i = bisect.bisect_right(self._starts, start) - 1
+        if i >= 0 and self._starts[i] + self._length[self._starts[i]] > start:  # overlaps the extent before
+            raise RuntimeError(f"blocks {start}..{end - 1} freed twice")
+        if i + 1 < len(self._starts) and self._starts[i + 1] < end:  # or the one after
+            raise RuntimeError(f"blocks {start}..{end - 1} freed twice")
 
     def _free_run(self, start: int, length: int) -> None:
         end = start + length
-        i = bisect.bisect_right(self._starts, start) - 1
-        if i >= 0:  # the run must not overlap the free extent at or before it
-            prev = self._starts[i]
-            if prev + self._length[prev] > start:
-                raise RuntimeError(f"blocks {start}..{end - 1} freed twice")
-        if i + 1 < len(self._starts) and self._starts[i + 1] < end:
-            raise RuntimeError(f"blocks {start}..{end - 1} freed twice")
         self._num_free += length
         if start in self._start_of_end:  # merge with the free extent ending right here
             prev = self._start_of_end[start]

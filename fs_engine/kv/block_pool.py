@@ -46,11 +46,15 @@ class FreeListAllocator:
         return ids
 
     def free(self, block_ids: list[int]) -> None:
+        """Return blocks; all or nothing: a bad id raises before any block is released."""
         for i in block_ids:
             if not 0 <= i < self.num_blocks:
                 raise ValueError(f"block id {i} is outside [0, {self.num_blocks})")
             if self._is_free[i]:
                 raise RuntimeError(f"block {i} freed twice")
+        if len(set(block_ids)) != len(block_ids):
+            raise RuntimeError(f"a block appears twice in {sorted(block_ids)}")
+        for i in block_ids:
             self._is_free[i] = True
             self._free.append(i)
 

@@ -136,7 +136,7 @@ class Scheduler:
         (cooldown ignored: memory must come from somewhere), else the request itself."""
         target = request.num_computed_tokens + num_new
         while not self.kv.allocate_slots(request.request_id, target):
-            victim = self._lowest_resident(ranked, in_batch, exclude=request, respect_cooldown=False)
+            victim = self._lowest_resident(ranked, in_batch, exclude=request)
             if victim is None:
                 self._preempt(plan, request)
                 return False
@@ -145,12 +145,10 @@ class Scheduler:
 
     def _admit(self, plan: StepPlan, request: Request, num_new: int, ranked: list[Request], in_batch: set[str]) -> bool:
         """Bring a waiting or swapped request in, preempting lower-ranked residents that are past their cooldown."""
-        rank = self.policy.rank(request)
-        num_blocks = blocks_for(request.num_computed_tokens + num_new, self.kv.block_size)
-        while self.kv.num_free_blocks < num_blocks or self._num_resident() >= self.config.max_num_seqs:
-            victim = self._lowest_resident(ranked, in_batch, exclude=request, respect_cooldown=True)
-            if victim is None or self.policy.rank(victim) <= rank:
-                return False
+        victims = self._victims_for(request, num_new, ranked, in_batch)
+        if victims is None:
+            return False
+        for victim in victims:
             self._preempt(plan, victim)
         if request.status is RequestStatus.SWAPPED:
             self._swap_in(plan, request, num_new)
@@ -160,18 +158,36 @@ class Scheduler:
         request.scheduled_in_step = self._step_id
         return True
 
+    def _victims_for(
+        self, request: Request, num_new: int, ranked: list[Request], in_batch: set[str]
+    ) -> list[Request] | None:
+        """The fewest lower-ranked residents (lowest first, past their cooldown) whose preemption makes room
+        for ``request``: [] if it fits already, None if even all of them would not do (then nobody is
+        preempted for nothing)."""
+        need_blocks = blocks_for(request.num_computed_tokens + num_new, self.kv.block_size)
+        free_blocks = self.kv.num_free_blocks
+        seats = self.config.max_num_seqs - self._num_resident()
+        rank = self.policy.rank(request)
+        victims: list[Request] = []
+        for victim in reversed(ranked):
+            if free_blocks >= need_blocks and seats > 0:
+                return victims
+            if (victim is request or victim.status not in _RESIDENT or victim.request_id in in_batch
+                    or self.policy.rank(victim) <= rank
+                    or self._step_id - victim.scheduled_in_step < self.config.preemption_cooldown_steps):
+                continue
+            victims.append(victim)
+            free_blocks += len(self.kv.block_ids(victim.request_id))
+            seats += 1
+        return victims if free_blocks >= need_blocks and seats > 0 else None
+
     def _num_resident(self) -> int:
         return sum(1 for r in self.requests.values() if r.status in _RESIDENT)
 
-    def _lowest_resident(
-        self, ranked: list[Request], in_batch: set[str], exclude: Request, respect_cooldown: bool
-    ) -> Request | None:
+    def _lowest_resident(self, ranked: list[Request], in_batch: set[str], exclude: Request) -> Request | None:
         for victim in reversed(ranked):
-            if victim is exclude or victim.status not in _RESIDENT or victim.request_id in in_batch:
-                continue
-            if respect_cooldown and self._step_id - victim.scheduled_in_step < self.config.preemption_cooldown_steps:
-                continue
-            return victim
+            if victim is not exclude and victim.status in _RESIDENT and victim.request_id not in in_batch:
+                return victim
         return None
 
     # ---- preemption and swaps ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from fs_engine.kv.kv_manager import KVCacheManager, blocks_for
 from fs_engine.request import Request, RequestStatus
 from fs_engine.sampling_params import SamplingParams
 from fs_engine.sched.scheduler import Scheduler
-from ipc.messages import StepPlan, StepResult
+from ipc.messages import ScheduledChunk, StepPlan, StepResult
 
 
 def token_for(request_id: str, index: int) -> int:
@@ -386,3 +386,530 @@ def test_any_workload_that_fits_alone_completes(prompt_lens, max_tokens, block_s
     computed = sum(len(c.token_ids) for p in h.plans for c in p.chunks)
     needed = sum(n + max_tokens - 1 for n in prompt_lens)
     assert computed == needed + h.sched.num_recomputed_tokens
+
+
+# ---- swap preemption, policies and anti-thrashing, with simulated KV contents --------------------------------
+
+
+Slot = tuple[str, int, int]  # (request_id, position, token_id) written into one token slot of a block
+
+
+class KVFakeWorker(FakeWorker):
+    """A fake worker that also keeps KV *contents*: every device and host block is a list of ``block_size``
+    slots, each holding the ``(request_id, position, token)`` written there. A plan runs in the worker's order:
+    swap-outs (device -> host), swap-ins (host -> device), then each chunk first reads its earlier positions,
+    which must hold exactly that request's earlier tokens, and writes its own. A swap that moves the wrong
+    blocks, a block reused while still needed or a host block overwritten before it was read back all show up
+    as a wrong slot."""
+
+    def __init__(self, block_size: int, num_device_blocks: int, num_host_blocks: int) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.num_device_blocks = num_device_blocks
+        self.num_host_blocks = num_host_blocks
+        self.device: dict[int, list[Slot | None]] = {}
+        self.host: dict[int, list[Slot | None]] = {}
+        self.history: dict[str, list[int]] = {}  # tokens the worker was given, by position
+        self.blocks_swapped_out = 0
+        self.blocks_swapped_in = 0
+
+    def _copy(self, runs, src: dict, src_size: int, dst: dict, dst_size: int) -> int:
+        moved = 0
+        for s, d, n in runs:
+            assert n >= 1 and 0 <= s and s + n <= src_size and 0 <= d and d + n <= dst_size, (s, d, n)
+            for i in range(n):
+                dst[d + i] = list(src.get(s + i, [None] * self.block_size))
+            moved += n
+        return moved
+
+    def slot(self, blocks: dict, table: list[int], pos: int) -> Slot | None:
+        block = blocks.get(table[pos // self.block_size])
+        return None if block is None else block[pos % self.block_size]
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        for request_id in plan.finished_ids:
+            self.history.pop(request_id, None)
+        # swap-outs first: device blocks they free may be the destination of this plan's swap-ins and chunks
+        self.blocks_swapped_out += self._copy(plan.swap_out, self.device, self.num_device_blocks,
+                                              self.host, self.num_host_blocks)
+        self.blocks_swapped_in += self._copy(plan.swap_in, self.host, self.num_host_blocks,
+                                             self.device, self.num_device_blocks)
+        result = super().execute(plan)
+        for chunk in plan.chunks:
+            rid, start = chunk.request_id, chunk.start_pos
+            history = self.history.setdefault(rid, [])
+            assert start <= len(history), f"{rid} computes position {start} but only {len(history)} were given"
+            for pos in range(start):
+                got = self.slot(self.device, chunk.block_ids, pos)
+                assert got == (rid, pos, history[pos]), f"step {plan.step_id}: {rid} reads {got} at position {pos}"
+            for i, token in enumerate(chunk.token_ids):
+                pos = start + i
+                block = self.device.setdefault(chunk.block_ids[pos // self.block_size], [None] * self.block_size)
+                block[pos % self.block_size] = (rid, pos, token)
+                if pos < len(history):
+                    assert history[pos] == token, f"{rid} recomputes position {pos} with a different token"
+                else:
+                    history.append(token)
+        return result
+
+
+class SwapHarness(Harness):
+    """The harness with host memory, any policy and preemption mode, and the KV-contents worker. After every
+    step the scheduler's invariants hold, every swap run moves exactly the blocks of the requests whose state
+    changed, and every running (swapped) request's device (host) blocks hold its computed tokens."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int | None = None, *,
+                 max_num_seqs: int = 128, max_num_batched_tokens: int = 2048, policy: str = "fcfs",
+                 preemption_mode: str = "swap", cooldown: int = 0, tenant_weights=None,
+                 allocator: str = "group") -> None:
+        super().__init__(num_blocks, block_size, max_num_seqs, max_num_batched_tokens)
+        self.kv = KVCacheManager(num_blocks, block_size, allocator=allocator)
+        self.cpu_kv = None if num_cpu_blocks is None else KVCacheManager(num_cpu_blocks, block_size)
+        self.config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      policy=policy, preemption_mode=preemption_mode,
+                                      preemption_cooldown_steps=cooldown, tenant_weights=tenant_weights)
+        self.sched = Scheduler(self.config, self.kv, cpu_kv=self.cpu_kv)
+        self.worker = KVFakeWorker(block_size, num_blocks, num_cpu_blocks or 0)
+        self.plans_with_both_swaps = 0
+
+    def add(self, request_id: str, prompt_len: int, max_tokens: int, seed: int | None = None, *,
+            priority: int = 0, tenant: str = "default") -> Request:
+        prompt = [(zlib.crc32(request_id.encode()) + i) % 900 for i in range(prompt_len)]
+        request = Request(request_id, prompt, SamplingParams(max_tokens=max_tokens, seed=seed), priority=priority,
+                          tenant=tenant, arrival_seq=self._arrivals)
+        self._arrivals += 1
+        self.max_tokens[request_id] = max_tokens
+        self.sched.add_request(request)
+        return request
+
+    def step(self) -> StepPlan:
+        before = {rid: (r.status, list(self.kv.block_ids(rid)),
+                        list(self.cpu_kv.block_ids(rid)) if self.cpu_kv else [], r.num_computed_tokens)
+                  for rid, r in self.sched.requests.items()}
+        plan = self.sched.schedule()
+        self.sched.check_invariants()
+        self.check_plan(plan)
+        self.check_swaps(plan, before)
+        self.plans.append(plan)
+        self.plans_with_both_swaps += bool(plan.swap_in and plan.swap_out)
+        result = self.worker.execute(plan)
+        for request in self.sched.update(plan, result):
+            if request.num_output_tokens >= self.max_tokens[request.request_id]:
+                self.sched.finish(request, RequestStatus.FINISHED_LENGTH)
+                self.done[request.request_id] = request
+        self.sched.check_invariants()
+        self.check_kv_contents()
+        return plan
+
+    def check_swaps(self, plan: StepPlan, before: dict) -> None:
+        expected_out, expected_in = [], []
+        for rid, (status, device, host, computed) in before.items():
+            request = self.sched.requests[rid]
+            if status is RequestStatus.RUNNING and request.status is RequestStatus.SWAPPED:
+                assert request.num_computed_tokens == computed, "swapping out changed the computed tokens"
+                table = self.cpu_kv.block_ids(rid)
+                assert len(table) == blocks_for(computed, self.kv.block_size)
+                expected_out += zip(device[: len(table)], table)
+            elif status is RequestStatus.SWAPPED and request.status is RequestStatus.RUNNING:
+                assert request.num_computed_tokens == computed, "swapping in changed the computed tokens"
+                expected_in += zip(host, self.kv.block_ids(rid)[: len(host)])
+                assert not self.cpu_kv.holds(rid), "host blocks of a swapped-in request were not released"
+            elif status is RequestStatus.SWAPPED:
+                assert request.status is RequestStatus.SWAPPED and self.cpu_kv.block_ids(rid) == host
+        def pairs(runs):
+            return sorted((s + i, d + i) for s, d, n in runs for i in range(n))
+        assert pairs(plan.swap_out) == sorted(expected_out)
+        assert pairs(plan.swap_in) == sorted(expected_in)
+        # host blocks read by this plan's swap-ins are not written by its swap-outs (which run first)
+        assert not {h for _, h in pairs(plan.swap_out)} & {h for h, _ in pairs(plan.swap_in)}
+
+    def check_kv_contents(self) -> None:
+        for rid, request in self.sched.requests.items():
+            if request.status is RequestStatus.RUNNING:
+                blocks, table = self.worker.device, self.kv.block_ids(rid)
+            elif request.status is RequestStatus.SWAPPED:
+                blocks, table = self.worker.host, self.cpu_kv.block_ids(rid)
+            else:
+                continue
+            for pos in range(request.num_computed_tokens):
+                assert self.worker.slot(blocks, table, pos) == (rid, pos, request.token_ids[pos]), (
+                    f"{request}: position {pos} lost")
+
+    def check_all_done(self) -> None:
+        super().check_all_done()
+        if self.cpu_kv is not None:
+            assert self.cpu_kv.num_free_blocks == self.cpu_kv.num_blocks
+            self.cpu_kv.check_invariants()
+
+    def status_of(self, request_id: str) -> RequestStatus:
+        request = self.sched.requests.get(request_id) or self.done.get(request_id)
+        return request.status
+
+
+def test_fake_kv_worker_catches_a_swap_that_moves_the_wrong_blocks():
+    # the check the tests below rely on: a plan whose swap-in brings back the wrong host block fails
+    worker = KVFakeWorker(block_size=2, num_device_blocks=4, num_host_blocks=4)
+    worker.host = {0: [("x", 0, 7), ("x", 1, 8)], 1: [("y", 0, 5), ("y", 1, 6)]}
+    worker.history["x"] = [7, 8]
+    worker.specs["x"] = None
+    ok = StepPlan(step_id=1, swap_in=[(0, 3, 1)])
+    ok.chunks.append(ScheduledChunk("x", [9], 2, [3, 0], sample=True))
+    worker.execute(ok)
+    bad = StepPlan(step_id=2, swap_in=[(1, 2, 1)])
+    bad.chunks.append(ScheduledChunk("x", [9], 2, [2, 0], sample=True))
+    with pytest.raises(AssertionError, match="reads"):
+        worker.execute(bad)
+
+
+def test_swap_preemption_by_a_late_high_priority_request_keeps_the_victims_kv():
+    h = SwapHarness(num_blocks=8, block_size=4, num_cpu_blocks=16, policy="priority")
+    low = h.add("low", prompt_len=14, max_tokens=12, priority=5)
+    for _ in range(3):
+        h.step()
+    assert low.num_computed_tokens == 16 and len(h.kv.block_ids("low")) == 4
+    device_before = list(h.kv.block_ids("low"))
+    high = h.add("high", prompt_len=20, max_tokens=4, priority=0)  # 5 blocks; 4 are free
+    plan = h.step()
+    assert low.status is RequestStatus.SWAPPED and low.num_preemptions == 1
+    assert h.kv.block_ids("low") == [] and len(h.cpu_kv.block_ids("low")) == 4
+    assert low.num_computed_tokens == 16
+    expanded = [(s + i, d + i) for s, d, n in plan.swap_out for i in range(n)]
+    assert expanded == list(zip(device_before, h.cpu_kv.block_ids("low")))
+    assert len(plan.swap_out) == 1  # one contiguous run on both sides: one copy
+    assert [c.request_id for c in plan.chunks] == ["high"]
+    assert high.status is RequestStatus.RUNNING
+    assert h.sched.stats()["num_swapped"] == 1
+    # low returns once high is done, by a swap-in, resuming where it stopped
+    while not h.plans[-1].swap_in:
+        assert low.status is RequestStatus.SWAPPED
+        h.step()
+    plan = h.plans[-1]
+    assert low.status is RequestStatus.RUNNING and not h.cpu_kv.holds("low")
+    assert high.status is RequestStatus.FINISHED_LENGTH
+    (chunk,) = [c for c in plan.chunks if c.request_id == "low"]
+    assert chunk.start_pos == 16 and len(chunk.token_ids) == 1
+    expanded = [(s + i, d + i) for s, d, n in plan.swap_in for i in range(n)]
+    assert [d for _, d in expanded] == h.kv.block_ids("low")[:4]
+    h.run()
+    h.check_all_done()
+    assert h.sched.num_swap_outs == h.sched.num_swap_ins == 1
+    assert h.sched.num_recomputed_tokens == 0 and h.sched.num_recompute_fallbacks == 0
+    assert h.worker.blocks_swapped_out == h.worker.blocks_swapped_in == 4
+    computed = sum(len(c.token_ids) for p in h.plans for c in p.chunks)
+    assert computed == (14 + 12 - 1) + (20 + 4 - 1)  # nothing computed twice
+
+
+def run_priority_flips(seed: int, mode: str, num_cpu_blocks: int | str | None,
+                       max_num_seqs: int = 6) -> SwapHarness:
+    """Random requests, arrivals and priority changes every third step on tight device memory; odd seeds use
+    the one-block allocator, so swaps move many short runs. ``num_cpu_blocks="plenty"``: every victim fits."""
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 2, 4])
+    specs = [(f"r{i}", rng.randint(1, 24), rng.randint(1, 14), rng.randint(0, 3), rng.randint(0, 12))
+             for i in range(rng.randint(6, 12))]
+    max_len = max(p + m for _, p, m, _, _ in specs)
+    num_blocks = blocks_for(max_len, block_size) + rng.randint(0, 3)  # tight: preemptions are certain
+    if num_cpu_blocks == "plenty":
+        num_cpu_blocks = 4 * num_blocks
+    h = SwapHarness(num_blocks, block_size, num_cpu_blocks, max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=rng.randint(4, 40), policy="priority", preemption_mode=mode,
+                    cooldown=rng.choice([0, 1, 3]), allocator="block" if seed % 2 else "group")
+    for step in range(3000):
+        for rid, prompt_len, max_tokens, priority, arrive in specs:
+            if arrive == step:
+                h.add(rid, prompt_len, max_tokens, priority=priority)
+        if step % 3 == 0 and h.sched.requests:
+            rid = rng.choice(sorted(h.sched.requests))
+            h.sched.update_priority(rid, rng.randint(-2, 5))
+        if step > 12 and not h.sched.has_unfinished():
+            break
+        h.step()
+    h.run()
+    h.check_all_done()
+    assert sorted(h.done) == sorted(s[0] for s in specs)
+    computed = sum(len(c.token_ids) for p in h.plans for c in p.chunks)
+    needed = sum(p + m - 1 for _, p, m, _, _ in specs)
+    assert computed == needed + h.sched.num_recomputed_tokens
+    return h
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_priority_flips_with_swap_preemption(seed):
+    h = run_priority_flips(seed, "swap", num_cpu_blocks="plenty")
+    s = h.sched
+    assert s.num_preemptions > 0
+    assert s.num_recompute_fallbacks == 0 and s.num_recomputed_tokens == 0  # the host always had room
+    assert s.num_swap_outs == s.num_preemptions == s.num_swap_ins
+    assert h.worker.blocks_swapped_out == h.worker.blocks_swapped_in > 0
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_priority_flips_with_recompute_preemption(seed):
+    h = run_priority_flips(seed, "recompute", num_cpu_blocks="plenty")
+    s = h.sched
+    assert s.num_preemptions > 0
+    assert s.num_swap_outs == s.num_swap_ins == 0 and not any(p.swap_out or p.swap_in for p in h.plans)
+    assert s.num_recompute_fallbacks == 0  # recompute by choice, not as a fallback
+    assert h.cpu_kv.num_free_blocks == h.cpu_kv.num_blocks
+
+
+def test_random_priority_flips_with_a_small_host_arena():
+    # host memory often full: some victims swap, the rest fall back to recompute; both at once in some plans
+    fallbacks = swaps = both = 0
+    for seed in range(12):
+        rng = random.Random(1000 + seed)
+        h = run_priority_flips(1000 + seed, "swap", num_cpu_blocks=rng.randint(1, 8))
+        s = h.sched
+        assert s.num_swap_outs + s.num_recompute_fallbacks == s.num_preemptions
+        assert s.num_swap_ins == s.num_swap_outs
+        assert (s.num_recomputed_tokens > 0) == (s.num_recompute_fallbacks > 0)
+        fallbacks += s.num_recompute_fallbacks
+        swaps += s.num_swap_outs
+        both += h.plans_with_both_swaps
+    assert fallbacks > 0 and swaps > 0
+    assert both > 0, "no plan both swapped in and swapped out: the host-block reuse hazard went untested"
+
+
+@pytest.mark.parametrize("num_cpu_blocks", [None, 0, 2])
+def test_swap_falls_back_to_recompute_when_the_host_cannot_take_the_victim(num_cpu_blocks):
+    h = SwapHarness(num_blocks=6, block_size=4, num_cpu_blocks=num_cpu_blocks, policy="priority")
+    low = h.add("low", prompt_len=16, max_tokens=6, priority=5)  # 4 blocks, 5 after its first decode
+    h.step()
+    h.step()
+    assert low.num_computed_tokens == 17
+    h.add("high", prompt_len=8, max_tokens=3, priority=0)  # 2 blocks: low must go, and needs 5 host blocks
+    plan = h.step()
+    assert not plan.swap_out
+    assert low.status is RequestStatus.WAITING and low.num_computed_tokens == 0
+    assert h.sched.num_recompute_fallbacks == 1 and h.sched.num_recomputed_tokens == 17
+    assert h.sched.num_swap_outs == 0
+    if h.cpu_kv is not None:
+        assert h.cpu_kv.num_free_blocks == h.cpu_kv.num_blocks  # nothing half-allocated on the host
+    outputs = list(low.output_token_ids)
+    h.run()
+    h.check_all_done()
+    resumed = [c for c in chunks_of(h.plans, "low") if c.start_pos == 0][1]
+    assert resumed.token_ids == low.prompt_token_ids + outputs
+
+
+def test_host_memory_decides_per_victim_between_swap_and_recompute():
+    h = SwapHarness(num_blocks=8, block_size=4, num_cpu_blocks=3, policy="priority")
+    small = h.add("small", prompt_len=8, max_tokens=6, priority=5)
+    big = h.add("big", prompt_len=16, max_tokens=6, priority=6)
+    h.step()
+    h.step()
+    assert (small.num_computed_tokens, big.num_computed_tokens) == (9, 17)  # 3 + 5 blocks: memory full
+    h.add("high", prompt_len=24, max_tokens=2, priority=0)  # 6 blocks: both must go
+    plan = h.step()
+    assert big.status is RequestStatus.WAITING and big.num_computed_tokens == 0  # 5 blocks: host too small
+    assert small.status is RequestStatus.SWAPPED and small.num_computed_tokens == 9  # 3 blocks: fits
+    assert sum(n for _, _, n in plan.swap_out) == 3
+    assert h.sched.num_recompute_fallbacks == 1 and h.sched.num_swap_outs == 1
+    assert [c.request_id for c in plan.chunks] == ["high"]
+    h.run()
+    h.check_all_done()
+    assert h.sched.num_swap_ins == 1
+
+
+@pytest.mark.parametrize("cooldown", [1, 3, 6])
+def test_cooldown_protects_a_newly_scheduled_request_from_waiting_ones(cooldown):
+    h = SwapHarness(num_blocks=4, block_size=16, num_cpu_blocks=8, policy="priority", cooldown=cooldown)
+    low = h.add("low", prompt_len=40, max_tokens=20, priority=5)  # 3 blocks; a 4th only at position 48
+    h.step()
+    assert low.scheduled_in_step == 1
+    h.add("high", prompt_len=30, max_tokens=2, priority=0)  # 2 blocks, 1 free: only by preempting low
+    for step in range(2, 1 + cooldown):
+        plan = h.step()
+        assert plan.step_id == step
+        assert [c.request_id for c in plan.chunks] == ["low"] and not plan.swap_out
+    plan = h.step()
+    assert plan.step_id == max(2, 1 + cooldown)
+    assert low.status is RequestStatus.SWAPPED and plan.swap_out
+    assert [c.request_id for c in plan.chunks] == ["high"]
+    # swapped back in, it is protected again for `cooldown` steps
+    while low.status is not RequestStatus.RUNNING:
+        h.step()
+    back_in = h.plans[-1].step_id
+    assert low.scheduled_in_step == back_in
+    h.add("high2", prompt_len=30, max_tokens=2, priority=0)
+    while h.status_of("low") is RequestStatus.RUNNING and h.plans[-1].step_id < back_in + cooldown + 1:
+        h.step()
+    assert h.plans[-1].step_id == max(back_in + 1, back_in + cooldown)
+    assert low.status is RequestStatus.SWAPPED and low.num_preemptions == 2
+    h.run()
+    h.check_all_done()
+
+
+def test_cooldown_does_not_protect_against_a_running_requests_growth():
+    h = SwapHarness(num_blocks=4, block_size=4, num_cpu_blocks=8, policy="priority", cooldown=100)
+    high = h.add("high", prompt_len=4, max_tokens=10, priority=0)  # 1 block, a 2nd at its first decode
+    low = h.add("low", prompt_len=12, max_tokens=3, priority=5)  # 3 blocks: memory full
+    plan = h.step()
+    assert [c.request_id for c in plan.chunks] == ["high", "low"]
+    plan = h.step()
+    assert plan.step_id < low.scheduled_in_step + 100
+    assert low.status is RequestStatus.SWAPPED and plan.swap_out
+    assert [c.request_id for c in plan.chunks] == ["high"] and len(h.kv.block_ids("high")) == 2
+    assert high.status is RequestStatus.RUNNING
+    h.run()
+    h.check_all_done()
+
+
+def test_max_num_seqs_preempts_for_a_seat_even_with_free_memory():
+    h = SwapHarness(num_blocks=64, block_size=4, num_cpu_blocks=64, max_num_seqs=1, policy="priority")
+    low = h.add("low", prompt_len=5, max_tokens=8, priority=3)
+    h.step()
+    h.step()
+    h.add("high", prompt_len=5, max_tokens=2, priority=1)
+    plan = h.step()
+    assert low.status is RequestStatus.SWAPPED and plan.swap_out
+    assert [c.request_id for c in plan.chunks] == ["high"]
+    assert [r.request_id for r in h.sched.running] == ["high"]
+    h.run()
+    h.check_all_done()
+    assert h.sched.num_swap_ins == 1 and h.sched.num_recomputed_tokens == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_max_num_seqs_bounds_resident_requests_under_priority_churn(seed):
+    rng = random.Random(seed)
+    h = SwapHarness(num_blocks=200, block_size=4, num_cpu_blocks=200, max_num_seqs=2, policy="priority")
+    for i in range(8):
+        h.add(f"r{i}", rng.randint(1, 12), rng.randint(2, 10), priority=rng.randint(0, 4))
+    seen_full = False
+    for step in range(2000):
+        if not h.sched.has_unfinished():
+            break
+        if step % 2 == 0:
+            h.sched.update_priority(rng.choice(sorted(h.sched.requests)), rng.randint(0, 4))
+        plan = h.step()
+        resident = [r for r in h.sched.requests.values() if r.status is RequestStatus.RUNNING]
+        assert len(resident) <= 2 and len(plan.chunks) <= 2
+        seen_full |= len(resident) == 2
+    h.run()
+    h.check_all_done()
+    assert seen_full
+    assert h.sched.num_preemptions > 0  # memory was never short: every preemption was for a seat
+
+
+def run_vtc(steps: int, late_tenant_at: int | None = None, weights="a=3,b=1") -> tuple[SwapHarness, list[dict]]:
+    """Backlogged tenants under vtc with two seats; returns the per-step served-token snapshots."""
+    h = SwapHarness(num_blocks=256, block_size=4, num_cpu_blocks=256, max_num_seqs=2, policy="vtc",
+                    cooldown=4, tenant_weights=weights, max_num_batched_tokens=64)
+    rng = random.Random(7)
+    tenants = ["a", "b"]
+    next_id = 0
+    snapshots = []
+    for step in range(steps):
+        if step == late_tenant_at:
+            tenants.append("c")
+        for t in tenants:
+            while sum(r.tenant == t for r in h.sched.requests.values()) < 4:
+                h.add(f"{t}{next_id}", rng.randint(4, 16), rng.randint(4, 24), tenant=t)
+                next_id += 1
+        h.step()
+        snapshots.append(dict(h.sched.policy.served_tokens))
+    return h, snapshots
+
+
+def served_between(snapshots: list[dict], start: int, end: int, tenant: str) -> float:
+    return snapshots[end].get(tenant, 0.0) - (snapshots[start].get(tenant, 0.0) if start >= 0 else 0.0)
+
+
+def test_vtc_two_backlogged_tenants_share_by_weight():
+    h, snaps = run_vtc(600)
+    a, b = (served_between(snaps, 99, 599, t) for t in "ab")
+    print(f"\nvtc 3:1 served after warm-up: a={a:.0f} b={b:.0f} ratio={a / b:.2f}")
+    assert a / b == pytest.approx(3.0, rel=0.15)
+    stats = h.sched.stats()
+    assert stats["vtc_service_a"] == round(snaps[-1]["a"], 1)
+
+
+def test_vtc_late_tenant_is_neither_starved_nor_starving():
+    late = 300
+    h, snaps = run_vtc(700, late_tenant_at=late)
+    first_c = next(i for i, s in enumerate(snaps) if s.get("c", 0) > 0)
+    assert first_c - late <= 10, f"the late tenant waited {first_c - late} steps"
+    for start in range(late, 700 - 20, 20):  # every window after its arrival serves everyone
+        for t in "abc":
+            assert served_between(snaps, start, start + 20, t) > 0, f"tenant {t} starved in steps {start}..+20"
+    a, b, c = (served_between(snaps, late + 50, 699, t) for t in "abc")
+    print(f"\nvtc 3:1:1 after the late arrival: a={a:.0f} b={b:.0f} c={c:.0f}")
+    assert a / b == pytest.approx(3.0, rel=0.2)
+    assert c / b == pytest.approx(1.0, rel=0.2)
+
+
+def test_update_priority_of_an_unknown_or_finished_request_raises():
+    h = SwapHarness(num_blocks=16, block_size=4, policy="priority")
+    with pytest.raises(ValueError, match="unknown request id"):
+        h.sched.update_priority("nope", 1)
+    h.add("a", prompt_len=2, max_tokens=1)
+    h.sched.update_priority("a", 3)
+    assert h.sched.requests["a"].priority == 3
+    h.run()
+    with pytest.raises(ValueError, match="unknown request id"):
+        h.sched.update_priority("a", 1)
+
+
+def test_aborting_a_swapped_request_frees_its_host_blocks():
+    h = SwapHarness(num_blocks=4, block_size=4, num_cpu_blocks=6, policy="priority")
+    low = h.add("low", prompt_len=10, max_tokens=8, priority=5)  # 3 blocks
+    h.step()
+    h.add("high", prompt_len=8, max_tokens=6, priority=0)  # 2 blocks, 1 free
+    h.step()
+    assert low.status is RequestStatus.SWAPPED and len(h.cpu_kv.block_ids("low")) == 3
+    free_device = h.kv.num_free_blocks
+    h.sched.finish(low, RequestStatus.FINISHED_ABORTED)
+    assert low.status is RequestStatus.FINISHED_ABORTED and "low" not in h.sched.requests
+    assert not h.cpu_kv.holds("low") and h.cpu_kv.num_free_blocks == 6
+    assert h.kv.num_free_blocks == free_device  # its device blocks were already released by the swap-out
+    h.sched.check_invariants()
+    plan = h.step()
+    assert plan.finished_ids == ["low"] and "low" not in h.worker.specs
+    assert not plan.swap_in
+    h.run()
+    h.check_all_done()
+    assert h.sched.num_swap_ins == 0
+
+
+def test_host_blocks_read_by_a_swap_in_are_not_reused_by_the_same_plans_swap_out():
+    # x is swapped out to the whole host arena; at the step it swaps back in, g's growth evicts z. The host
+    # blocks x is being read from are still taken (the plan runs swap-outs first), so z must recompute
+    h = SwapHarness(num_blocks=8, block_size=4, num_cpu_blocks=5, policy="priority")
+    x = h.add("x", prompt_len=20, max_tokens=6, priority=1)  # 5 blocks, a 6th at its first decode
+    h.add("g", prompt_len=3, max_tokens=6, priority=2)  # 1 block, a 2nd at position 4
+    z = h.add("z", prompt_len=3, max_tokens=6, priority=3)
+    h.step()
+    h.sched.update_priority("x", 9)
+    h.add("w", prompt_len=8, max_tokens=1, priority=0)  # 2 blocks, 1 free: evicts x, the lowest now
+    plan = h.step()
+    assert x.status is RequestStatus.SWAPPED and h.cpu_kv.num_free_blocks == 0
+    assert "w" in h.done
+    h.sched.update_priority("x", 0)
+    plan = h.step()
+    assert x.status is RequestStatus.RUNNING and plan.swap_in
+    assert z.status is RequestStatus.WAITING and not plan.swap_out
+    assert h.sched.num_recompute_fallbacks == 1
+    assert h.cpu_kv.num_free_blocks == 5  # released once the plan was built
+    h.run()
+    h.check_all_done()
+
+
+def test_no_preemption_that_cannot_make_room():
+    """A waiting request that cannot get in even after preempting every eligible victim preempts nobody:
+    a victim swapped out for nothing would only add a copy and leave its blocks idle."""
+    h = SwapHarness(num_blocks=5, block_size=16, num_cpu_blocks=16, policy="priority", cooldown=5)
+    h.add("a", prompt_len=20, max_tokens=40, priority=5)
+    for _ in range(6):
+        h.step()
+    b = h.add("b", prompt_len=40, max_tokens=40, priority=4)
+    h.step()
+    assert b.status is RequestStatus.RUNNING
+    w = h.add("w", prompt_len=70, max_tokens=4, priority=0)  # needs 5 blocks: a's 2 are not enough, b is cooling
+    plan = h.step()
+    assert not plan.swap_out and h.sched.num_preemptions == 0 and w.status is RequestStatus.WAITING
+    while w.status is RequestStatus.WAITING:  # once b's cooldown ends, a and b both make way at once
+        plan = h.step()
+    assert w.status is RequestStatus.RUNNING and h.sched.num_preemptions == 2
+    h.run()
+    h.check_all_done()
