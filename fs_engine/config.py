@@ -18,6 +18,7 @@ BLOCK_ALLOCATORS = ("group", "block")
 COPY_GRANULARITIES = ("group", "block", "block_layer")
 POLICIES = ("fcfs", "priority", "vtc")
 PREEMPTION_MODES = ("swap", "recompute")
+SWAP_MODES = ("async", "sync", "adaptive")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch")
 
@@ -117,9 +118,20 @@ def _parse_weights(value: Any) -> tuple[tuple[str, float], ...]:
 class SwapConfig:
     copy_granularity: str = _help("copy calls per swap: group (one per contiguous run), block (one per block), "
                                   "block_layer (one per block, layer and K/V, as vLLM v0)", default="group")
+    swap_mode: str = _help("async: steps go on while swaps run; sync: every step waits for its swaps; adaptive: "
+                           "wait for a swap-in only when the batch would otherwise be small", default="async")
+    swap_threads: int = _help("copy threads (each with its own CUDA stream); half copy out, half in", default=2)
+    adaptive_min_batch: int = _help("adaptive mode waits for swap-ins while fewer requests than this can run",
+                                    default=4)
+    enable_kv_reuse: bool = _help("keep KV in host memory after swap-in (next swap-out copies only the dirty "
+                                  "tail) and after finish (the next turn swaps its prefix in)", default=True)
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check(self.swap_mode in SWAP_MODES, "swap_mode", self.swap_mode, f"choose one of {SWAP_MODES}")
+        _check(self.swap_threads >= 2, "swap_threads", self.swap_threads, "must be >= 2 (one per direction)")
+        _check(self.adaptive_min_batch >= 1, "adaptive_min_batch", self.adaptive_min_batch, "must be >= 1")
+        _check(isinstance(self.enable_kv_reuse, bool), "enable_kv_reuse", self.enable_kv_reuse, "must be True or False")
         _check(self.copy_granularity in COPY_GRANULARITIES, "copy_granularity", self.copy_granularity,
                f"choose one of {COPY_GRANULARITIES}")
 

@@ -69,7 +69,8 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         wanted = set(ids)
         try:
-            while len(done) < len(ids):
+            # after the last output, keep stepping until write-backs to the CPU store have landed
+            while len(done) < len(ids) or self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out

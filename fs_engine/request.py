@@ -12,7 +12,9 @@ from fs_engine.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # no KV anywhere: not started, or preempted by recompute
     RUNNING = "running"  # KV on the device
-    SWAPPED = "swapped"  # KV in host memory, swapped out by a preemption
+    SWAPPING_OUT = "swapping_out"  # preempted; its KV is being copied to host memory, device blocks still held
+    SWAPPED = "swapped"  # KV in host memory only
+    SWAPPING_IN = "swapping_in"  # its KV is being copied back to (already reserved) device blocks
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"
@@ -68,6 +70,8 @@ class Request:
         self.num_preemptions = 0
         self.sent_to_worker = False
         self.scheduled_in_step = 0  # step in which it was last admitted or swapped in (anti-thrashing)
+        self.reclaim = False  # regained its rank while swapping out: keep the device copy when the copy lands
+        self.num_cached_tokens = 0  # prompt tokens swapped in from the CPU store instead of prefilled
         self.num_prompt_tokens_served = 0  # prompt tokens computed at least once (fair-share accounting)
 
     @property
@@ -107,3 +111,4 @@ class RequestOutput:
     text: str
     finished: bool
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the CPU store (an earlier turn) instead of prefill

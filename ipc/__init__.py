@@ -10,6 +10,8 @@ from ipc.messages import (
     ScheduledChunk,
     StepPlan,
     StepResult,
+    SwapCommand,
+    SwapDone,
     SwapRun,
 )
 
@@ -20,5 +22,7 @@ __all__ = [
     "ScheduledChunk",
     "StepPlan",
     "StepResult",
+    "SwapCommand",
+    "SwapDone",
     "SwapRun",
 ]

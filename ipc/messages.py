@@ -60,18 +60,39 @@ SwapRun = tuple[int, int, int]
 
 
 @dataclass
+class SwapCommand:
+    """Move KV blocks: ``kind="out"`` device -> host, runs (device_start, host_start, n); ``kind="in"``
+    host -> device, runs (host_start, device_start, n). With ``wait`` the step's forward pass waits for it;
+    without, it completes in the background and is reported in a later ``StepResult.swaps_done``."""
+
+    swap_id: int
+    kind: str  # "out" | "in"
+    runs: list[SwapRun]
+    wait: bool = False
+
+
+@dataclass
+class SwapDone:
+    swap_id: int
+    copies: int  # copy calls issued
+    bytes: int
+    seconds: float
+
+
+@dataclass
 class StepPlan:
-    """One step for every rank. The worker executes, in this order: ``swap_out`` runs (device -> host),
-    ``swap_in`` runs (host -> device), then the forward pass over ``chunks``. The frontend relies on that
-    order: device blocks freed by a swap-out may be the destination of a swap-in or of new KV in the same plan.
+    """One step for every rank. The worker submits every swap-out, waits for those marked ``wait``, then
+    submits every swap-in, waits for those marked ``wait``, then runs the forward pass over ``chunks``.
+
+    The frontend relies on that order: device blocks freed by a *waited* swap-out may be the destination of
+    a swap-in or of new KV in the same plan. Blocks under an unwaited command stay owned until it is done.
     """
 
     step_id: int
     chunks: list[ScheduledChunk] = field(default_factory=list)
     new_requests: list[NewRequest] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
-    swap_out: list[SwapRun] = field(default_factory=list)  # (device_start, host_start, n)
-    swap_in: list[SwapRun] = field(default_factory=list)  # (host_start, device_start, n)
+    swaps: list[SwapCommand] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -86,7 +107,5 @@ class StepResult:
     request_ids: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     execute_s: float = 0.0
-    swap_copies: int = 0  # copy calls issued for the plan's swaps
-    swap_out_bytes: int = 0
-    swap_in_bytes: int = 0
-    swap_s: float = 0.0  # time spent in swaps before the forward pass
+    swaps_done: list[SwapDone] = field(default_factory=list)  # every command completed since the last result
+    swap_wait_s: float = 0.0  # time this step waited on swaps before its forward pass

@@ -68,8 +68,12 @@ class Worker:
         max_useful = self.config.scheduler.max_num_seqs * per_seq
         self.num_blocks = num_kv_blocks(self.config.cache, self.layout, self.device, max_useful)
         self.num_host_blocks = num_host_blocks(self.config.cache, self.layout, max_useful)
-        self.runner.init_kv_cache(self.layout, self.num_blocks, self.num_host_blocks, self.config.swap.copy_granularity)
+        self.runner.init_kv_cache(self.layout, self.num_blocks, self.num_host_blocks,
+                                  self.config.swap.copy_granularity, self.config.swap.swap_threads)
         return self.num_blocks, self.num_host_blocks
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()

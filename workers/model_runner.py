@@ -20,6 +20,7 @@ from workers.models import ForwardContext
 from workers.parallel import SINGLE, TPContext
 from workers.sampler import Sampler
 from workers.swap.copier import KVCopier
+from workers.swap.swap_manager import SwapManager
 
 
 class ModelRunner:
@@ -46,7 +47,7 @@ class ModelRunner:
         self.attn = None  # bound to the arena by init_kv_cache
         self.kv_arena: torch.Tensor | None = None
         self.host_arena: torch.Tensor | None = None
-        self.copier: KVCopier | None = None
+        self.swaps: SwapManager | None = None
         self._specs: dict[str, SamplingSpec] = {}
         num_heads = arch.num_heads // tp.size
         self.num_heads = num_heads
@@ -55,13 +56,19 @@ class ModelRunner:
     def kv_layout(self, dtype_name: str) -> KVLayout:
         return KVLayout(self.arch.num_layers, self.block_size, self.num_kv_heads, self.arch.head_dim, dtype_name)
 
-    def init_kv_cache(self, layout: KVLayout, num_blocks: int, num_host_blocks: int, granularity: str) -> None:
+    def init_kv_cache(
+        self, layout: KVLayout, num_blocks: int, num_host_blocks: int, granularity: str, swap_threads: int
+    ) -> None:
         self.kv_arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device)
         self.attn = self.backend_cls(self.kv_arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
         if num_host_blocks > 0:
             pin = self.device.type == "cuda"
             self.host_arena = allocate_host_arena(layout, num_host_blocks, self.dtype, pin)
-            self.copier = KVCopier(self.kv_arena, self.host_arena, granularity)
+            self.swaps = SwapManager(KVCopier(self.kv_arena, self.host_arena, granularity), swap_threads)
+
+    def shutdown(self) -> None:
+        if self.swaps is not None:
+            self.swaps.shutdown()
 
     @torch.inference_mode()
     def profile_run(self, layout: KVLayout, num_tokens: int) -> None:
@@ -86,7 +93,7 @@ class ModelRunner:
         for new in plan.new_requests:
             self._specs[new.request_id] = new.sampling
         result = StepResult(step_id=plan.step_id)
-        if plan.swap_out or plan.swap_in:
+        if plan.swaps:
             self._swap(plan, result)
         if plan.chunks:
             token_ids, positions, meta, sample_rows = self._prepare(plan)
@@ -97,20 +104,24 @@ class ModelRunner:
                 specs = [self._specs[c.request_id] for c in sampled]
                 result.token_ids = self.sampler(logits, specs, [c.sample_index for c in sampled])
                 result.request_ids = [c.request_id for c in sampled]
+        if self.swaps is not None:
+            if not plan.chunks and not result.swap_wait_s and self.swaps.num_in_flight:
+                # nothing to compute: the engine waits for copies, so block on one instead of spinning
+                result.swap_wait_s += self.swaps.wait_any(timeout_s=1.0)
+            result.swaps_done = self.swaps.poll()
         result.execute_s = time.perf_counter() - start
         return result
 
     def _swap(self, plan: StepPlan, result: StepResult) -> None:
-        # swap-outs first: the plan may hand their device blocks to a swap-in or to new KV (StepPlan's contract)
-        if self.copier is None:
+        # swap-outs first: a waited swap-out's device blocks may be handed to a swap-in or to new KV in this
+        # same plan (StepPlan's contract), so it must have landed before either starts
+        if self.swaps is None:
             raise RuntimeError("the plan swaps KV but this worker has no host arena (num_cpu_blocks=0)")
-        start = time.perf_counter()
-        out = self.copier.swap_out(plan.swap_out)
-        into = self.copier.swap_in(plan.swap_in)
-        result.swap_copies = out.calls + into.calls
-        result.swap_out_bytes = out.bytes
-        result.swap_in_bytes = into.bytes
-        result.swap_s = time.perf_counter() - start
+        for kind in ("out", "in"):
+            commands = [c for c in plan.swaps if c.kind == kind]
+            for command in commands:
+                self.swaps.submit(command)
+            result.swap_wait_s += self.swaps.wait([c.swap_id for c in commands if c.wait])
 
     def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         bs = self.block_size

@@ -25,4 +25,6 @@ class InProcessExecutor:
         return self.worker.execute(plan)
 
     def shutdown(self) -> None:
-        self.worker = None
+        if self.worker is not None:
+            self.worker.shutdown()
+            self.worker = None

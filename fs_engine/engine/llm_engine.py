@@ -9,6 +9,7 @@ from typing import Any
 
 from fs_engine.config import EngineConfig
 from fs_engine.engine.executor import InProcessExecutor
+from fs_engine.kv.cpu_store import CpuKVStore
 from fs_engine.kv.kv_manager import KVCacheManager, blocks_for
 from fs_engine.model_config import ModelArch, load_model_arch
 from fs_engine.request import Request, RequestOutput, RequestStatus
@@ -57,17 +58,16 @@ class LLMEngine:
         self.executor = InProcessExecutor(self.config, self.arch, self.max_model_len)
         self.block_size = self.config.cache.block_size
         self.kv = KVCacheManager(self.executor.num_blocks, self.block_size, self.config.cache.block_allocator)
-        # host blocks always come in groups: a swapped request's KV lands in as few runs as possible
-        self.cpu_kv = KVCacheManager(self.executor.num_cpu_blocks, self.block_size, "group")
-        self.scheduler = Scheduler(self.config.scheduler, self.kv, self.cpu_kv)
+        self.cpu_store = CpuKVStore(self.executor.num_cpu_blocks, self.block_size, self.config.swap.enable_kv_reuse)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv, self.cpu_store, self.config.swap)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
         self._counters = dict.fromkeys(
             ("num_steps", "num_prompt_tokens", "num_generated_tokens", "num_batched_tokens",
-             "num_finished_requests", "num_aborted_requests", "swap_copies", "swap_out_bytes", "swap_in_bytes"), 0
+             "num_finished_requests", "num_aborted_requests"), 0
         )
         self._execute_s = 0.0
-        self._swap_s = 0.0
+        self._swap_wait_s = 0.0
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(
@@ -147,14 +147,12 @@ class LLMEngine:
     # ---- the loop ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
-        if not plan.chunks and not plan.finished_ids and not plan.swap_out:
+        if not (plan.chunks or plan.finished_ids or plan.swaps or self.scheduler.has_unfinished()):
             return []
+        # a plan with no forward work still goes out while copies are in flight: the worker lands them
         result = self.executor.execute(plan)
         self._execute_s += result.execute_s
-        self._swap_s += result.swap_s
-        self._counters["swap_copies"] += result.swap_copies
-        self._counters["swap_out_bytes"] += result.swap_out_bytes
-        self._counters["swap_in_bytes"] += result.swap_in_bytes
+        self._swap_wait_s += result.swap_wait_s
         if plan.chunks:
             self._counters["num_steps"] += 1
             self._counters["num_batched_tokens"] += plan.num_tokens
@@ -202,6 +200,7 @@ class LLMEngine:
             text=detok.text if detok is not None else "",
             finished=finished,
             finish_reason=request.status.finish_reason,
+            num_cached_tokens=request.num_cached_tokens,
         )
 
     # ---- introspection -----------------------------------------------------------------------------------
@@ -211,15 +210,17 @@ class LLMEngine:
             **self.scheduler.stats(),
             "num_gpu_blocks": self.kv.num_blocks,
             "num_free_gpu_blocks": self.kv.num_free_blocks,
-            "num_cpu_blocks": self.cpu_kv.num_blocks,
-            "num_free_cpu_blocks": self.cpu_kv.num_free_blocks,
+            "num_cpu_blocks": self.cpu_store.num_blocks,
+            "num_free_cpu_blocks": self.cpu_store.num_free_blocks,
+            "num_cached_cpu_blocks": self.cpu_store.num_cached_blocks(),
+            "reused_swap_out_bytes": self.scheduler.num_reused_swap_out_blocks * self.executor.layout.block_bytes,
             "mean_groups_per_request": round(self.kv.mean_groups_per_request(), 3),
             "largest_free_extent_blocks": self.kv.largest_free_extent(),
             "block_size": self.block_size,
             "kv_block_bytes": self.executor.layout.block_bytes,
             "max_model_len": self.max_model_len,
             "execute_s": round(self._execute_s, 6),
-            "swap_s": round(self._swap_s, 6),
+            "swap_wait_s": round(self._swap_wait_s, 6),
         }
 
     def shutdown(self) -> None:

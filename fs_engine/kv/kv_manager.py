@@ -66,6 +66,12 @@ class KVCacheManager:
             self.allocator.free(blocks)
         return blocks
 
+    def rename(self, owner: str, new_owner: str) -> None:
+        """Hand a request's blocks to another owner key (an in-flight copy outlives the request's id)."""
+        if owner in self._tables:
+            assert new_owner not in self._tables, f"{new_owner} already holds blocks"
+            self._tables[new_owner] = self._tables.pop(owner)
+
     # ---- stats -------------------------------------------------------------------------------------------
     def mean_groups_per_request(self) -> float:
         tables = [t for t in self._tables.values() if t]

@@ -1,36 +1,62 @@
-"""Policy-ranked continuous batching with swap or recompute preemption.
+"""Policy-ranked continuous batching with swap or recompute preemption and asynchronous swaps.
 
-Every step, all live requests (running, waiting, swapped) are ranked by the policy and the batch is built
-from the top, within a token budget (``max_num_batched_tokens``: long prompts are prefilled in chunks) and
-``max_num_seqs``:
+Every step, all live requests are ranked by the policy and the batch is built from the top, within a token
+budget (``max_num_batched_tokens``: long prompts are prefilled in chunks) and ``max_num_seqs``:
 
-- a **running** request (its KV on the device) computes its next token or prompt chunk; if it needs a block
-  and none is free, the lowest-ranked resident request outside the batch is preempted, or, if there is
-  none, the request itself;
-- a **waiting** or **swapped** request is admitted (or swapped back in) when it fits; when memory or
-  sequence slots are short, it preempts lower-ranked resident requests outside the batch, except those
-  scheduled in less than ``preemption_cooldown_steps`` ago (anti-thrashing). If it still does not fit,
-  lower-ranked non-resident requests wait behind it, so it is not starved.
+- a **running** request computes its next token or prompt chunk; if it needs a block and none is free, the
+  lowest-ranked running request outside the batch is preempted, or, if there is none, the request itself;
+- a **waiting** or **swapped** request is admitted (swapped back in, or with a stored prefix swapped in)
+  when it fits; when memory or seats are short it preempts lower-ranked running requests outside the batch
+  that are past their ``preemption_cooldown_steps`` (anti-thrashing), but only if that makes room. If it
+  still does not fit, lower-ranked waiting and swapped requests wait behind it, so it is not starved.
 
-Preemption either swaps the victim's KV to host blocks (``swap``; one copy per contiguous run at ``group``
-granularity) or drops it to recompute later (``recompute``, and the fallback when host memory is full).
-Swaps here are synchronous: the worker performs a plan's swap-outs, then its swap-ins, then the forward
-pass, so device blocks freed by a swap-out may be reused in the same plan. Host blocks read by a swap-in
-are released only after the plan is built, so no swap-out of the same plan can overwrite them.
+Preemption swaps the victim's KV to host memory (copying only the dirty tail when the host already holds a
+valid prefix of it) or drops it to recompute (``recompute``, and the fallback when host memory is full).
+
+Swap modes (``SwapConfig.swap_mode``): ``sync`` waits for every swap inside the step that issues it;
+``async`` lets steps go on while swaps run and learns of completions from later results; ``adaptive`` is
+async except that a step waits for a swap-in when fewer than ``adaptive_min_batch`` requests could run.
+The safety rules of the design, as enforced here:
+
+1. Swap-outs copy only blocks whose writing step has returned (plans are built after the previous result).
+2. Device blocks of an in-flight swap-out stay owned until its completion arrives (``_soon_free_blocks``
+   counts them for admission, nobody can allocate them).
+3. A request with an in-flight swap-in is ``SWAPPING_IN`` and not scheduled; in sync mode the step waits.
+4. Host blocks under an in-flight copy are pinned in the CPU store and never evicted or reused; host blocks
+   read by a waited swap-in are released only after the plan is built.
+5. Abort during a swap hands the request's blocks to the swap record; they are released at completion.
+6. A request that regains its rank while swapping out is reclaimed: the swap-out completes (its host copy
+   stays as a valid cache) and the request runs on from its still-owned device blocks.
 
 The scheduler never touches tensors; the plan it returns is executed by the workers.
 """
 
 from __future__ import annotations
 
-from fs_engine.config import SchedulerConfig
+import itertools
+from dataclasses import dataclass
+
+from fs_engine.config import SchedulerConfig, SwapConfig
 from fs_engine.kv.block_groups import paired_runs
+from fs_engine.kv.cpu_store import CpuKVStore
 from fs_engine.kv.kv_manager import KVCacheManager, blocks_for
 from fs_engine.request import Request, RequestStatus
 from fs_engine.sched.policies import Policy, make_policy
-from ipc.messages import NewRequest, ScheduledChunk, StepPlan, StepResult
+from ipc.messages import NewRequest, ScheduledChunk, StepPlan, StepResult, SwapCommand, SwapDone
 
-_RESIDENT = (RequestStatus.RUNNING,)  # statuses whose KV is on the device
+S = RequestStatus
+_SEATED = (S.RUNNING, S.SWAPPING_IN)  # statuses that count against max_num_seqs
+
+
+@dataclass
+class _InFlight:
+    kind: str  # "out" | "in" | "writeback"
+    owner: str  # key of the device blocks and host copy (the request id, or a record key once it ended)
+    request: Request | None  # None once the request finished or was aborted
+    num_tokens: int  # tokens the copy covers
+    waited: bool  # a sync command: its step waited for it
+    token_ids: list[int] | None = None  # write-backs: the tokens whose KV becomes a stored prefix
+    session_id: str | None = None
 
 
 class Scheduler:
@@ -38,16 +64,21 @@ class Scheduler:
         self,
         config: SchedulerConfig,
         kv: KVCacheManager,
-        cpu_kv: KVCacheManager | None = None,
+        cpu_store: CpuKVStore | None = None,
+        swap: SwapConfig | None = None,
         policy: Policy | None = None,
     ) -> None:
         self.config = config
+        self.swap = swap or SwapConfig(swap_mode="sync")
         self.kv = kv
-        self.cpu_kv = cpu_kv
+        self.cpu_store = cpu_store
         self.policy = policy or make_policy(config.policy, config.tenant_weights)
         self.requests: dict[str, Request] = {}
+        self._inflight: dict[int, _InFlight] = {}
+        self._pending: list[SwapCommand] = []  # write-backs issued between steps, sent with the next plan
+        self._swap_ids = itertools.count(1)
         self._finished_for_worker: list[str] = []
-        self._host_frees: list[str] = []  # host blocks read by this plan's swap-ins, released after it
+        self._release_after_plan: list[str] = []
         self._preempted_now: set[str] = set()
         self._step_id = 0
         self.num_preemptions = 0
@@ -55,6 +86,11 @@ class Scheduler:
         self.num_swap_ins = 0
         self.num_recomputed_tokens = 0
         self.num_recompute_fallbacks = 0  # swap preemptions that recomputed because host memory was full
+        self.num_reused_swap_out_blocks = 0  # blocks a swap-out did not copy: the host copy was still valid
+        self.num_reused_prefix_tokens = 0  # prompt tokens swapped in from stored prefixes instead of prefilled
+        self.swap_copies = 0
+        self.swap_out_bytes = 0
+        self.swap_in_bytes = 0
 
     # ---- views -------------------------------------------------------------------------------------------
     def _ranked(self, status: RequestStatus | None = None) -> list[Request]:
@@ -63,18 +99,23 @@ class Scheduler:
 
     @property
     def running(self) -> list[Request]:
-        return self._ranked(RequestStatus.RUNNING)
+        return self._ranked(S.RUNNING)
 
     @property
     def waiting(self) -> list[Request]:
-        return self._ranked(RequestStatus.WAITING)
+        return self._ranked(S.WAITING)
 
     @property
     def swapped(self) -> list[Request]:
-        return self._ranked(RequestStatus.SWAPPED)
+        return self._ranked(S.SWAPPED)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        """Requests live, or copies still to issue or to land (their blocks are not free yet)."""
+        return bool(self.requests or self._inflight or self._pending)
+
+    @property
+    def _reuse(self) -> bool:
+        return self.cpu_store is not None and self.cpu_store.enable_reuse
 
     # ---- request lifecycle -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -88,91 +129,177 @@ class Scheduler:
         request.priority = priority
 
     def finish(self, request: Request, status: RequestStatus) -> None:
-        """Release a request for good: its device and host blocks return and the worker forgets it."""
+        """End a request. Its blocks are released now, or when a copy that reads them lands."""
         assert status.finished
+        rid = request.request_id
+        was = request.status
         request.status = status
-        self.kv.free(request.request_id)
-        if self.cpu_kv is not None:
-            self.cpu_kv.free(request.request_id)
-        del self.requests[request.request_id]
+        del self.requests[rid]
         if request.sent_to_worker:
-            self._finished_for_worker.append(request.request_id)
+            self._finished_for_worker.append(rid)
+        swap_id = next((i for i, r in self._inflight.items() if r.request is request), None)
+        if swap_id is not None:  # rule 5: the copy in flight still reads or writes these blocks
+            self._hand_to_record(swap_id)
+            return
+        if status is S.FINISHED_STOPPED or status is S.FINISHED_LENGTH:
+            if was is S.RUNNING and self._reuse and self._write_back(request):
+                return
+        self.kv.free(rid)
+        if self.cpu_store is not None:
+            self.cpu_store.discard(rid)
+
+    def _hand_to_record(self, swap_id: int) -> None:
+        """The request ended (or this is its write-back): its blocks now belong to the swap record."""
+        record = self._inflight[swap_id]
+        key = f"~swap{swap_id}"
+        self.kv.rename(record.owner, key)
+        if self.cpu_store is not None:
+            self.cpu_store.rename(record.owner, key)
+        record.owner, record.request = key, None
+
+    def _write_back(self, request: Request) -> bool:
+        """Copy a finished request's full blocks to host memory so the next turn can reuse them."""
+        num_tokens = request.num_computed_tokens // self.kv.block_size * self.kv.block_size
+        if num_tokens == 0:
+            return False
+        prepared = self.cpu_store.prepare_swap_out(request.request_id, num_tokens)
+        if prepared is None:
+            return False
+        writes, reused = prepared
+        self.num_reused_swap_out_blocks += reused
+        record = _InFlight("writeback", request.request_id, None, num_tokens, self.swap.swap_mode == "sync",
+                           token_ids=request.token_ids[:num_tokens], session_id=request.session_id)
+        swap_id = next(self._swap_ids)
+        self._inflight[swap_id] = record
+        self._hand_to_record(swap_id)
+        gpu = self.kv.block_ids(record.owner)
+        runs = paired_runs([gpu[i] for i, _ in writes], [h for _, h in writes])
+        if not runs:  # the host copy was complete already: nothing to move
+            self._complete(SwapDone(swap_id, 0, 0, 0.0))
+        else:
+            self._pending.append(SwapCommand(swap_id, "out", runs, wait=record.waited))
+        return True
 
     # ---- one step ----------------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         self._step_id += 1
-        plan = StepPlan(step_id=self._step_id, finished_ids=self._finished_for_worker)
-        self._finished_for_worker = []
-        self._host_frees = []
+        plan = StepPlan(step_id=self._step_id, finished_ids=self._finished_for_worker, swaps=self._pending)
+        self._finished_for_worker, self._pending = [], []
+        self._release_after_plan, self._preempted_now = [], set()
         budget = self.config.max_num_batched_tokens
         ranked = self._ranked()
         in_batch: set[str] = set()
-        blocked = False  # a higher-ranked non-resident request did not fit: the ones below it wait
-        self._preempted_now: set[str] = set()
+        blocked = False  # a higher-ranked waiting or swapped request did not fit: lower ones wait behind it
+        memory_waiter = False  # a higher-ranked request waits for device blocks in flight to be freed
         for request in ranked:
             if budget <= 0 or len(in_batch) >= self.config.max_num_seqs:
                 break
-            if request.status is not RequestStatus.RUNNING:
-                if request.request_id in self._preempted_now:
-                    blocked = True  # a victim of this step neither bounces back nor lets lower ranks overtake it
+            if request.status is S.SWAPPING_OUT:
+                # rule 6: ranked above everyone waiting for memory, it keeps its device blocks when the copy
+                # lands; below a waiter, those blocks are promised to the waiter
+                request.reclaim = not memory_waiter
+                continue
+            if request.status is S.SWAPPING_IN:
+                continue  # rule 3
+            if request.status is not S.RUNNING:
+                blocked = blocked or request.request_id in self._preempted_now  # victims do not bounce back
                 if blocked:
                     continue
+                admitted = self._admit(plan, request, budget, ranked, in_batch)
+                if admitted is None:
+                    blocked = memory_waiter = True
+                    continue
+                if not admitted:  # swapping in asynchronously: it runs once the copy lands
+                    continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if request.status is RequestStatus.RUNNING:
-                if not self._grow(plan, request, num_new, ranked, in_batch):
-                    continue  # it preempted itself
-            elif not self._admit(plan, request, num_new, ranked, in_batch):
-                blocked = True
-                continue
+            if request.status is S.RUNNING:
+                grown = self._grow(plan, request, num_new, ranked, in_batch)
+                memory_waiter = memory_waiter or grown == "wait"
+                if grown != "ok":
+                    continue
             self._add_chunk(plan, request, num_new)
             in_batch.add(request.request_id)
             budget -= num_new
-        for request_id in self._host_frees:  # after the plan: its swap-outs must not land on these blocks
-            self.cpu_kv.free(request_id)
+        for owner in self._release_after_plan:  # rule 4: no swap-out of this plan may land on these blocks
+            self.cpu_store.release(owner)
         return plan
 
-    def _grow(self, plan: StepPlan, request: Request, num_new: int, ranked: list[Request], in_batch: set[str]) -> bool:
-        """Blocks for a resident request's next tokens, preempting lower-ranked residents outside the batch
-        (cooldown ignored: memory must come from somewhere), else the request itself."""
+    def _grow(self, plan: StepPlan, request: Request, num_new: int, ranked: list[Request], in_batch: set[str]) -> str:
+        """Blocks for a running request's next tokens. Preempts lower-ranked running requests outside the batch
+        (cooldown ignored: the memory must come from somewhere), else the request itself. Returns "ok", "wait"
+        (blocks that in-flight swap-outs will free are enough: it skips this step) or "preempted"."""
         target = request.num_computed_tokens + num_new
         while not self.kv.allocate_slots(request.request_id, target):
-            victim = self._lowest_resident(ranked, in_batch, exclude=request)
+            if self._soon_free_blocks() >= self.kv.num_blocks_needed(request.request_id, target):
+                return "wait"
+            victim = next((v for v in reversed(ranked) if v is not request and v.status is S.RUNNING
+                           and v.request_id not in in_batch), None)
+            self._preempt(plan, victim or request)
             if victim is None:
-                self._preempt(plan, request)
-                return False
-            self._preempt(plan, victim)
-        return True
+                return "preempted"
+        return "ok"
 
-    def _admit(self, plan: StepPlan, request: Request, num_new: int, ranked: list[Request], in_batch: set[str]) -> bool:
-        """Bring a waiting or swapped request in, preempting lower-ranked residents that are past their cooldown."""
-        victims = self._victims_for(request, num_new, ranked, in_batch)
+    def _admit(self, plan: StepPlan, request: Request, budget: int, ranked: list[Request], in_batch: set[str]):
+        """Bring in a waiting or swapped request. True: it runs this step; False: it is swapping in
+        asynchronously; None: it does not fit (yet)."""
+        prefix_blocks, matched = [], 0
+        if request.status is S.WAITING and self._reuse:
+            prefix_blocks, matched = self.cpu_store.lookup(request.token_ids, request.session_id)
+        computed = request.num_computed_tokens if request.status is S.SWAPPED else matched
+        num_new = min(request.num_tokens - computed, budget)
+        need = blocks_for(computed + num_new, self.kv.block_size)
+        victims = self._victims_for(request, need, ranked, in_batch)
         if victims is None:
-            return False
+            return None
         for victim in victims:
             self._preempt(plan, victim)
-        if request.status is RequestStatus.SWAPPED:
-            self._swap_in(plan, request, num_new)
-        else:
-            assert self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new)
-        request.status = RequestStatus.RUNNING
+        if self.kv.num_free_blocks < need:
+            return None  # the victims' blocks free up when their swap-outs land
+        assert self.kv.allocate_slots(request.request_id, computed + num_new)
         request.scheduled_in_step = self._step_id
-        return True
+        if request.status is S.WAITING and not matched:
+            request.status = S.RUNNING
+            return True
+        if matched:
+            self.cpu_store.attach_prefix(request.request_id, prefix_blocks, matched)
+            request.num_computed_tokens = matched
+            request.num_cached_tokens = max(request.num_cached_tokens, matched)
+            self.num_reused_prefix_tokens += matched
+            host_blocks = prefix_blocks
+        else:
+            host_blocks = self.cpu_store.prepare_swap_in(request.request_id, computed)
+        return self._swap_in(plan, request, host_blocks)
+
+    def _swap_in(self, plan: StepPlan, request: Request, host_blocks: list[int]) -> bool:
+        mode = self.swap.swap_mode
+        runnable = sum(1 for r in self.requests.values() if r.status is S.RUNNING)
+        wait = mode == "sync" or (mode == "adaptive" and runnable < self.swap.adaptive_min_batch)
+        gpu_blocks = self.kv.block_ids(request.request_id)[: len(host_blocks)]
+        swap_id = next(self._swap_ids)
+        self._inflight[swap_id] = _InFlight("in", request.request_id, request, request.num_computed_tokens, wait)
+        plan.swaps.append(SwapCommand(swap_id, "in", paired_runs(host_blocks, gpu_blocks), wait=wait))
+        self.num_swap_ins += 1
+        if wait:  # the step waits for the copy: the request computes in this very step
+            request.status = S.RUNNING
+            self._release_after_plan.append(request.request_id)
+        else:
+            request.status = S.SWAPPING_IN
+        return wait
 
     def _victims_for(
-        self, request: Request, num_new: int, ranked: list[Request], in_batch: set[str]
+        self, request: Request, need_blocks: int, ranked: list[Request], in_batch: set[str]
     ) -> list[Request] | None:
-        """The fewest lower-ranked residents (lowest first, past their cooldown) whose preemption makes room
-        for ``request``: [] if it fits already, None if even all of them would not do (then nobody is
-        preempted for nothing)."""
-        need_blocks = blocks_for(request.num_computed_tokens + num_new, self.kv.block_size)
-        free_blocks = self.kv.num_free_blocks
-        seats = self.config.max_num_seqs - self._num_resident()
+        """The fewest lower-ranked running requests (lowest first, past their cooldown) whose preemption makes
+        room for ``request``: [] if it fits already (or will once in-flight swap-outs land), None if even all
+        of them would not do, so that nobody is preempted for nothing."""
+        free_blocks = self.kv.num_free_blocks + self._soon_free_blocks()
+        seats = self.config.max_num_seqs - sum(1 for r in self.requests.values() if r.status in _SEATED)
         rank = self.policy.rank(request)
         victims: list[Request] = []
         for victim in reversed(ranked):
             if free_blocks >= need_blocks and seats > 0:
                 return victims
-            if (victim is request or victim.status not in _RESIDENT or victim.request_id in in_batch
+            if (victim is request or victim.status is not S.RUNNING or victim.request_id in in_batch
                     or self.policy.rank(victim) <= rank
                     or self._step_id - victim.scheduled_in_step < self.config.preemption_cooldown_steps):
                 continue
@@ -181,16 +308,12 @@ class Scheduler:
             seats += 1
         return victims if free_blocks >= need_blocks and seats > 0 else None
 
-    def _num_resident(self) -> int:
-        return sum(1 for r in self.requests.values() if r.status in _RESIDENT)
+    def _soon_free_blocks(self) -> int:
+        """Device blocks that in-flight swap-outs and write-backs will release when they land."""
+        return sum(len(self.kv.block_ids(r.owner)) for r in self._inflight.values()
+                   if r.kind != "in" and not (r.request is not None and r.request.reclaim))
 
-    def _lowest_resident(self, ranked: list[Request], in_batch: set[str], exclude: Request) -> Request | None:
-        for victim in reversed(ranked):
-            if victim is not exclude and victim.status in _RESIDENT and victim.request_id not in in_batch:
-                return victim
-        return None
-
-    # ---- preemption and swaps ----------------------------------------------------------------------------
+    # ---- preemption --------------------------------------------------------------------------------------
     def _preempt(self, plan: StepPlan, request: Request) -> None:
         self._preempted_now.add(request.request_id)
         self.num_preemptions += 1
@@ -202,50 +325,72 @@ class Scheduler:
         self.kv.free(request.request_id)
         self.num_recomputed_tokens += request.num_computed_tokens
         request.num_computed_tokens = 0
-        request.status = RequestStatus.WAITING
+        request.status = S.WAITING
 
     def _swap_out(self, plan: StepPlan, request: Request) -> bool:
-        """Copy a victim's computed KV to host blocks; False if host memory cannot take it."""
+        """Copy a victim's KV to host memory (only what the host does not hold yet); False if it cannot take it."""
         rid = request.request_id
-        # blocks a request holds are all written: they were allocated for chunks whose results arrived
-        num_blocks = blocks_for(request.num_computed_tokens, self.kv.block_size)
-        gpu_blocks = self.kv.block_ids(rid)[:num_blocks]
-        if self.cpu_kv is None or not self.cpu_kv.allocate_slots(rid, request.num_computed_tokens):
+        if self.cpu_store is None:
             return False
-        plan.swap_out.extend(paired_runs(gpu_blocks, self.cpu_kv.block_ids(rid)))
-        self.kv.free(rid)  # reusable within this plan: the worker runs swap-outs before anything else
-        request.status = RequestStatus.SWAPPED
+        prepared = self.cpu_store.prepare_swap_out(rid, request.num_computed_tokens)
+        if prepared is None:
+            return False
+        writes, reused = prepared
+        self.num_reused_swap_out_blocks += reused
         self.num_swap_outs += 1
+        gpu = self.kv.block_ids(rid)
+        runs = paired_runs([gpu[i] for i, _ in writes], [h for _, h in writes])
+        sync = self.swap.swap_mode == "sync" or not runs
+        swap_id = next(self._swap_ids)
+        self._inflight[swap_id] = _InFlight("out", rid, request, request.num_computed_tokens, sync)
+        request.reclaim = False
+        if not runs:  # the host copy is complete: nothing to move, the device blocks are free at once
+            self._complete(SwapDone(swap_id, 0, 0, 0.0))
+        else:
+            plan.swaps.append(SwapCommand(swap_id, "out", runs, wait=sync))
+            request.status = S.SWAPPING_OUT
+        if sync:  # the worker lands the copy before anything else in this plan: the blocks are reusable now
+            self.kv.free(rid)
+            request.status = S.SWAPPED
         return True
 
-    def _swap_in(self, plan: StepPlan, request: Request, num_new: int) -> None:
-        rid = request.request_id
-        assert self.kv.allocate_slots(rid, request.num_computed_tokens + num_new)
-        cpu_blocks = self.cpu_kv.block_ids(rid)
-        plan.swap_in.extend(paired_runs(cpu_blocks, self.kv.block_ids(rid)[: len(cpu_blocks)]))
-        self._host_frees.append(rid)
-        self.num_swap_ins += 1
-
-    def _add_chunk(self, plan: StepPlan, request: Request, num_new: int) -> None:
-        start = request.num_computed_tokens
-        if not request.sent_to_worker:
-            plan.new_requests.append(NewRequest(request.request_id, request.params.to_spec()))
-            request.sent_to_worker = True
-        plan.chunks.append(
-            ScheduledChunk(
-                request_id=request.request_id,
-                token_ids=request.token_ids[start : start + num_new],
-                start_pos=start,
-                block_ids=list(self.kv.block_ids(request.request_id)),
-                sample=start + num_new == request.num_tokens,
-                sample_index=request.num_output_tokens,
-            )
-        )
-
     # ---- results -----------------------------------------------------------------------------------------
+    def _complete(self, done: SwapDone) -> None:
+        record = self._inflight.pop(done.swap_id)
+        self.swap_copies += done.copies
+        if record.kind == "in":
+            self.swap_in_bytes += done.bytes
+        else:
+            self.swap_out_bytes += done.bytes
+            self.cpu_store.complete_swap_out(record.owner, record.num_tokens)
+        request = record.request
+        if request is None:  # the request ended while the copy ran (rule 5), or this is a write-back
+            if record.kind == "writeback":
+                self.cpu_store.release(record.owner, keep=True)
+                self.cpu_store.commit_prefix(record.owner, record.token_ids, record.session_id)
+            else:
+                self.cpu_store.discard(record.owner)
+            self.kv.free(record.owner)
+            return
+        if record.kind == "in":
+            if not record.waited:  # a waited swap-in was released when its plan was built
+                request.status = S.RUNNING
+                request.scheduled_in_step = self._step_id
+                self.cpu_store.release(request.request_id)
+        elif request.status is S.SWAPPING_OUT:
+            if request.reclaim:  # rule 6: it ranks high again; run on from the device copy
+                request.status = S.RUNNING
+                request.scheduled_in_step = self._step_id
+                self.cpu_store.release(request.request_id)
+            else:
+                self.kv.free(request.request_id)
+                request.status = S.SWAPPED
+
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Apply a step's result: advance computed tokens, append sampled ones, account service. Returns the
-        requests that received a token (stop checks are the caller's: they need the detokenized text)."""
+        """Apply a step's result: land completed swaps, advance computed tokens, append sampled ones, account
+        service. Returns the requests that received a token (stop checks are the caller's)."""
+        for done in result.swaps_done:
+            self._complete(done)
         for chunk in plan.chunks:
             request = self.requests.get(chunk.request_id)
             if request is None:
@@ -267,35 +412,66 @@ class Scheduler:
             progressed.append(request)
         return progressed
 
+    def _add_chunk(self, plan: StepPlan, request: Request, num_new: int) -> None:
+        start = request.num_computed_tokens
+        if not request.sent_to_worker:
+            plan.new_requests.append(NewRequest(request.request_id, request.params.to_spec()))
+            request.sent_to_worker = True
+        plan.chunks.append(
+            ScheduledChunk(
+                request_id=request.request_id,
+                token_ids=request.token_ids[start : start + num_new],
+                start_pos=start,
+                block_ids=list(self.kv.block_ids(request.request_id)),
+                sample=start + num_new == request.num_tokens,
+                sample_index=request.num_output_tokens,
+            )
+        )
+
+    # ---- introspection -----------------------------------------------------------------------------------
     def stats(self) -> dict[str, int | float]:
-        counts = {s: 0 for s in (RequestStatus.RUNNING, RequestStatus.WAITING, RequestStatus.SWAPPED)}
+        counts = dict.fromkeys(S, 0)
         for r in self.requests.values():
             counts[r.status] += 1
+        store = self.cpu_store
         return {
-            "num_running": counts[RequestStatus.RUNNING],
-            "num_waiting": counts[RequestStatus.WAITING],
-            "num_swapped": counts[RequestStatus.SWAPPED],
+            "num_running": counts[S.RUNNING],
+            "num_waiting": counts[S.WAITING],
+            "num_swapped": counts[S.SWAPPED] + counts[S.SWAPPING_OUT] + counts[S.SWAPPING_IN],
+            "num_swaps_in_flight": len(self._inflight),
             "num_preemptions": self.num_preemptions,
             "num_swap_outs": self.num_swap_outs,
             "num_swap_ins": self.num_swap_ins,
             "num_recomputed_tokens": self.num_recomputed_tokens,
             "num_recompute_fallbacks": self.num_recompute_fallbacks,
+            "swap_copies": self.swap_copies,
+            "swap_out_bytes": self.swap_out_bytes,
+            "swap_in_bytes": self.swap_in_bytes,
+            "reused_swap_out_blocks": self.num_reused_swap_out_blocks,
+            "reused_prefix_tokens": self.num_reused_prefix_tokens,
+            "cpu_store_hits": store.num_hits if store else 0,
+            "cpu_store_evictions": store.num_evictions if store else 0,
             **self.policy.stats(),
         }
 
     def check_invariants(self) -> None:
         self.kv.check_invariants()
-        if self.cpu_kv is not None:
-            self.cpu_kv.check_invariants()
+        if self.cpu_store is not None:
+            self.cpu_store.check_invariants()
         self.policy.check_invariants()
+        in_flight = {r.request.request_id: r for r in self._inflight.values() if r.request is not None}
         for r in self.requests.values():
-            on_device = self.kv.holds(r.request_id)
-            on_host = self.cpu_kv is not None and self.cpu_kv.holds(r.request_id)
-            if r.status is RequestStatus.RUNNING:
-                assert on_device and not on_host, f"{r} runs without device blocks or still holds host blocks"
-                assert len(self.kv.block_ids(r.request_id)) >= blocks_for(r.num_computed_tokens, self.kv.block_size)
-            elif r.status is RequestStatus.SWAPPED:
-                assert on_host and not on_device, f"{r} is swapped but its KV is not (only) on the host"
+            rid = r.request_id
+            on_device = self.kv.holds(rid)
+            copy = self.cpu_store.copy_of(rid) if self.cpu_store is not None else None
+            if r.status is S.RUNNING:
+                assert on_device and len(self.kv.block_ids(rid)) >= blocks_for(r.num_computed_tokens, self.kv.block_size)
+            elif r.status in (S.SWAPPING_OUT, S.SWAPPING_IN):
+                assert on_device and copy is not None and copy.pins > 0 and rid in in_flight, f"{r}: copy not pinned"
+            elif r.status is S.SWAPPED:
+                assert not on_device and copy is not None and copy.pins > 0, f"{r}: its only copy is not pinned"
+                assert copy.valid_tokens >= r.num_computed_tokens, f"{r}: host copy is incomplete"
             else:
-                assert not on_device and not on_host and r.num_computed_tokens == 0, f"{r} waits holding KV"
-        assert self._num_resident() <= self.config.max_num_seqs, "more resident requests than max_num_seqs"
+                assert not on_device and r.num_computed_tokens == 0, f"{r} waits holding device blocks"
+        seated = sum(1 for r in self.requests.values() if r.status in _SEATED)
+        assert seated <= self.config.max_num_seqs, "more seated requests than max_num_seqs"
