@@ -22,7 +22,18 @@ DEMO_PROMPTS = (
 )
 
 
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _flag_type(annotation: str) -> Any:
+    if annotation.startswith("bool"):
+        return _parse_bool
     if "int" in annotation:
         return int
     if "float" in annotation:

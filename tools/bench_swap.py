@@ -1,4 +1,6 @@
-"""Swap latency of one request's KV: ``block_layer`` vs ``block`` vs ``group`` copies, side by side.
+"""Swap benchmarks, each measured side by side in one run.
+
+``--scenario copy`` (default): swap latency of one request's KV, ``block_layer`` vs ``block`` vs ``group``.
 
 For each context length, one request's KV (Llama-3-8B shapes by default: 32 layers, 8 KV heads of 128,
 bfloat16, 16-token blocks = 2 MiB per block, 128 KiB per token) is swapped out to the host arena and back
@@ -7,8 +9,17 @@ number of copy calls and the effective bandwidth. Blocks are placed by the block
 (``--placement contiguous``, what fs-engine does) or scattered as a churned free list would leave them
 (``--placement scattered``, what vLLM's allocator does), so both halves of the mechanism can be seen.
 
+``--scenario overlap``: median engine step time of a resident decode batch while two long "ballast"
+requests take turns at the top priority, so one is swapped out and the other in every few steps; against
+the same batch with no swaps, for each ``--mode`` (sync: steps wait for their copies; async: they do not).
+
+``--scenario multiturn``: several multi-turn conversations under priority churn, with the CPU KV reuse store
+off and on: bytes swapped out, bytes a valid host copy saved, tokens computed, prefix tokens reused.
+
     python tools/bench_swap.py                       # CPU: both arenas in host memory
     python tools/bench_swap.py --tokens 1024,4096 --json swap.json
+    python tools/bench_swap.py --scenario overlap --mode sync,async
+    python tools/bench_swap.py --scenario multiturn --mode sync,async
 """
 
 from __future__ import annotations
@@ -57,8 +68,117 @@ def measure(copier: KVCopier, out_runs, in_runs, device: torch.device) -> tuple[
     return t1 - t0, t2 - t1, out.calls + into.calls
 
 
+def engine_model(args) -> str:
+    if args.model:
+        return args.model
+    from fs_engine.tiny_model import make_tiny_model
+
+    return str(make_tiny_model("qwen3", Path(args.workdir) / "model", preset="default"))
+
+
+def scenario_overlap(args) -> dict:
+    from fs_engine import LLMEngine, SamplingParams
+
+    model = engine_model(args)
+    results = {}
+    decode = SamplingParams(max_tokens=args.steps + 40, temperature=0, ignore_eos=True)  # outlives the measurement
+    rng = random.Random(0)
+    ballast = [[rng.randrange(1000) for _ in range(args.ballast_tokens)] for _ in range(2)]
+    for label, mode, churn in [("no swaps", "sync", False)] + [(f"{m} swaps", m, True) for m in args.mode.split(",")]:
+        # room for the batch and one ballast request, not two: every churn preempts one and resumes the other
+        per_ballast = blocks_for(args.ballast_tokens + args.steps + 40, 16)
+        per_resident = blocks_for(64 + args.steps + 40, 16)
+        engine = LLMEngine(model, policy="priority", swap_mode=mode, block_size=16, max_num_seqs=args.batch + 2,
+                           num_gpu_blocks=args.batch * per_resident + per_ballast + 4, preemption_cooldown_steps=0)
+        for i in range(args.batch):
+            engine.add_request(f"r{i}", [rng.randrange(1000) for _ in range(64)], decode, priority=1)
+        for i, prompt in enumerate(ballast):
+            engine.add_request(f"ballast{i}", prompt, decode, priority=2 + i)
+        for _ in range(20):  # warm-up: prefill everything, first preemption
+            engine.step()
+        times = []
+        for step in range(args.steps):
+            if churn and step % args.churn_every == 0:
+                top = (step // args.churn_every) % 2
+                engine.update_priority(f"ballast{top}", 0)
+                engine.update_priority(f"ballast{1 - top}", 3)
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
+        stats = engine.stats()
+        results[label] = {"median_step_ms": round(statistics.median(times) * 1e3, 3),
+                          "mean_step_ms": round(statistics.mean(times) * 1e3, 3),
+                          "swap_outs": stats["num_swap_outs"], "swap_ins": stats["num_swap_ins"],
+                          "swap_wait_s": stats["swap_wait_s"]}
+        engine.shutdown()
+    base = results["no swaps"]["mean_step_ms"]
+    print(f"resident batch of {args.batch} decoding, ballast {args.ballast_tokens} tokens x 2, churn every "
+          f"{args.churn_every} steps, {args.steps} steps")
+    for label, r in results.items():
+        print(f"  {label:<14} median {r['median_step_ms']:7.2f} ms  mean {r['mean_step_ms']:7.2f} ms "
+              f"({r['mean_step_ms'] / base:5.2f}x)  swaps out/in {r['swap_outs']}/{r['swap_ins']}  "
+              f"waited {r['swap_wait_s']:.3f} s")
+    return results
+
+
+def scenario_multiturn(args) -> dict:
+    from fs_engine import LLMEngine, SamplingParams
+    from fs_engine.engine.multiturn import run_conversations
+
+    model = engine_model(args)
+    rng = random.Random(0)
+    messages = [[[rng.randrange(1000) for _ in range(rng.randint(20, 80))] for _ in range(args.turns)]
+                for _ in range(args.conversations)]
+    reply = SamplingParams(max_tokens=args.reply_tokens, temperature=0, ignore_eos=True)
+    longest = max(sum(len(m) for m in conv) for conv in messages) + args.turns * args.reply_tokens
+    results = {}
+    for mode in args.mode.split(","):
+        for reuse in (False, True):
+            engine = LLMEngine(model, policy="priority", swap_mode=mode, enable_kv_reuse=reuse, block_size=16,
+                               num_gpu_blocks=2 * blocks_for(longest, 16) + 4, preemption_cooldown_steps=1)
+            flips = random.Random(1)
+
+            def on_step(e, step):
+                if step % 3 == 0:
+                    for rid in list(e.scheduler.requests):
+                        e.update_priority(rid, flips.randrange(4))
+
+            start = time.perf_counter()
+            run_conversations(engine, messages, reply, think_steps=3, on_step=on_step)
+            s = engine.stats()
+            results[f"{mode}, reuse {'on' if reuse else 'off'}"] = {
+                "wall_s": round(time.perf_counter() - start, 3), "swap_out_bytes": s["swap_out_bytes"],
+                "reused_swap_out_bytes": s["reused_swap_out_bytes"], "swap_in_bytes": s["swap_in_bytes"],
+                "tokens_computed": s["num_batched_tokens"], "reused_prefix_tokens": s["reused_prefix_tokens"],
+                "preemptions": s["num_preemptions"], "cpu_store_hits": s["cpu_store_hits"]}
+            engine.shutdown()
+    print(f"{args.conversations} conversations x {args.turns} turns, replies of {args.reply_tokens} tokens, "
+          f"priorities re-drawn every 3 steps")
+    for label, r in results.items():
+        print(f"  {label:<18} swapped out {r['swap_out_bytes'] / 2**20:8.2f} MiB (saved {r['reused_swap_out_bytes'] / 2**20:7.2f})"
+              f"  tokens computed {r['tokens_computed']:6d} (prefix reused {r['reused_prefix_tokens']:5d})"
+              f"  preemptions {r['preemptions']:4d}  {r['wall_s']:6.2f} s")
+    for mode in args.mode.split(","):
+        off, on = results[f"{mode}, reuse off"], results[f"{mode}, reuse on"]
+        cut = f"{1 - on['swap_out_bytes'] / off['swap_out_bytes']:.0%}" if off["swap_out_bytes"] else "n/a (no swaps)"
+        print(f"  {mode}: reuse cuts swapped-out bytes by {cut} "
+              f"and computed tokens by {1 - on['tokens_computed'] / off['tokens_computed']:.0%}")
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", default="copy", choices=("copy", "overlap", "multiturn"))
+    ap.add_argument("--mode", default="sync,async", help="swap modes for overlap / multiturn, comma-separated")
+    ap.add_argument("--model", help="checkpoint for overlap / multiturn (default: tiny qwen3, default preset)")
+    ap.add_argument("--workdir", default=None, help="where to build the default model (default: a temp dir)")
+    ap.add_argument("--batch", type=int, default=8, help="overlap: resident requests decoding")
+    ap.add_argument("--ballast-tokens", type=int, default=1500, help="overlap: context of each swapped request")
+    ap.add_argument("--churn-every", type=int, default=4, help="overlap: steps between swaps")
+    ap.add_argument("--steps", type=int, default=80, help="overlap: measured steps per configuration")
+    ap.add_argument("--conversations", type=int, default=6)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--reply-tokens", type=int, default=24)
     ap.add_argument("--tokens", default="256,512,1024,2048,4096,8192", help="context lengths, comma-separated")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
@@ -70,6 +190,16 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
+    if args.scenario != "copy":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            args.workdir = args.workdir or tmp
+            run = scenario_overlap if args.scenario == "overlap" else scenario_multiturn
+            results = run(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"scenario": args.scenario, "results": results}, indent=2))
+        return
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

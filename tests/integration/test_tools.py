@@ -43,3 +43,22 @@ def test_bench_swap_compares_granularities(tmp_path, monkeypatch, placement):
         if placement == "contiguous":
             assert row["group"]["calls"] == 2 and row["runs"] == 1
         assert all(row[g]["gb_per_s"] > 0 for g in ("group", "block", "block_layer"))
+
+
+def test_bench_swap_overlap_and_multiturn_scenarios(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "overlap.json"
+    run_tool("bench_swap.py", ["--scenario", "overlap", "--mode", "sync,async", "--batch", "2",
+                               "--ballast-tokens", "120", "--steps", "8", "--churn-every", "2",
+                               "--workdir", str(tmp_path), "--json", str(out)], monkeypatch)
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"no swaps", "sync swaps", "async swaps"}
+    assert results["async swaps"]["swap_outs"] > 0 and results["no swaps"]["swap_ins"] == 0
+    out = tmp_path / "multiturn.json"
+    run_tool("bench_swap.py", ["--scenario", "multiturn", "--mode", "sync", "--conversations", "3", "--turns", "3",
+                               "--reply-tokens", "6", "--workdir", str(tmp_path), "--json", str(out)], monkeypatch)
+    results = json.loads(out.read_text())["results"]
+    off, on = results["sync, reuse off"], results["sync, reuse on"]
+    assert on["reused_prefix_tokens"] > 0 and off["reused_prefix_tokens"] == 0
+    assert on["tokens_computed"] < off["tokens_computed"]
+    assert off["preemptions"] > 0  # (bytes saved are asserted at a meaningful size in test_swap_reuse.py)
+    assert "reuse cuts swapped-out bytes" in capsys.readouterr().out
