@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PROTOCOL_VERSION = 1
+INT32 = {"wire": "int32"}  # field metadata: a token-id list that travels as raw int32 bytes
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily
 
 
@@ -48,10 +49,10 @@ class ScheduledChunk:
     """
 
     request_id: str
-    token_ids: list[int]
-    start_pos: int
-    block_ids: list[int]
-    sample: bool
+    token_ids: list[int] = field(metadata=INT32)
+    start_pos: int = 0
+    block_ids: list[int] = field(default_factory=list, metadata=INT32)
+    sample: bool = False
     sample_index: int = 0
 
 
@@ -105,7 +106,11 @@ class StepResult:
 
     step_id: int
     request_ids: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list, metadata=INT32)
     execute_s: float = 0.0
     swaps_done: list[SwapDone] = field(default_factory=list)  # every command completed since the last result
     swap_wait_s: float = 0.0  # time this step waited on swaps before its forward pass
+
+
+# every type that may cross a process boundary, registered with the codec (ipc.codec) under its class name
+MESSAGE_TYPES = (SamplingSpec, NewRequest, ScheduledChunk, SwapCommand, SwapDone, StepPlan, StepResult)

@@ -1,0 +1,115 @@
+"""Typed wrappers over ZeroMQ sockets: every frame is one encoded message (``ipc.codec``).
+
+- ``Pusher`` / ``Puller``: one-way pipelines (plans to workers, results and swap completions back).
+- ``Router``: the frontend's client socket; every client is a ``Dealer`` with its own identity. The router
+  is ``ROUTER_MANDATORY``: sending to a client that has gone away raises ``PeerGone`` instead of dropping
+  the message silently, which is how the frontend learns a client disconnected mid-stream.
+
+Receives take a timeout so that no caller ever blocks forever on a dead peer.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ipc.codec import decode, encode
+from ipc.errors import ProtocolError
+
+
+class PeerGone(ConnectionError):
+    """The client this message was for has disconnected."""
+
+
+class _Channel:
+    def __init__(self, ctx: zmq.Context, kind: int, address: str, bind: bool) -> None:
+        self.address = address
+        self.socket = ctx.socket(kind)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if bind:
+            self.socket.bind(address)
+            if address.startswith("tcp://") and address.endswith(":0"):
+                self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        else:
+            self.socket.connect(address)
+
+    def poll(self, timeout_s: float | None) -> bool:
+        return bool(self.socket.poll(None if timeout_s is None else int(timeout_s * 1000)))
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class Pusher(_Channel):
+    def __init__(self, ctx: zmq.Context, address: str, bind: bool = False) -> None:
+        super().__init__(ctx, zmq.PUSH, address, bind)
+
+    def send(self, msg: Any) -> None:
+        self.socket.send(encode(msg), copy=False)
+
+
+class Puller(_Channel):
+    def __init__(self, ctx: zmq.Context, address: str, bind: bool = True) -> None:
+        super().__init__(ctx, zmq.PULL, address, bind)
+
+    def recv(self, timeout_s: float | None = None) -> Any | None:
+        """The next message, or None when none arrived within the timeout."""
+        if not self.poll(timeout_s):
+            return None
+        return decode(self.socket.recv(copy=False).bytes)
+
+
+class Router(_Channel):
+    def __init__(self, ctx: zmq.Context, address: str) -> None:
+        super().__init__(ctx, zmq.ROUTER, address, bind=True)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+
+    def recv(self, timeout_s: float | None = 0) -> tuple[bytes, Any] | None:
+        """(client identity, message or ProtocolError) or None. A malformed frame is returned as the error
+        so the caller can answer that client and keep serving the others."""
+        if not self.poll(timeout_s):
+            return None
+        frames = self.socket.recv_multipart()
+        identity, payload = frames[0], frames[-1]
+        if len(frames) != 2:
+            return identity, ProtocolError(f"expected one message frame, got {len(frames) - 1}")
+        try:
+            return identity, decode(payload)
+        except ProtocolError as e:
+            return identity, e
+
+    def send(self, identity: bytes, msg: Any) -> None:
+        try:
+            self.socket.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.error.ZMQError as e:
+            if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise PeerGone(identity) from e
+            raise
+
+
+class Dealer(_Channel):
+    def __init__(self, ctx: zmq.Context, address: str) -> None:
+        super().__init__(ctx, zmq.DEALER, address, bind=False)
+
+    def send(self, msg: Any) -> None:
+        self.socket.send(encode(msg))
+
+    def recv(self, timeout_s: float | None = None) -> Any | None:
+        if not self.poll(timeout_s):
+            return None
+        return decode(self.socket.recv())
+
+
+def instance_dir() -> Path:
+    """A fresh directory for one engine's ipc:// endpoints (and CPU shared-memory arenas), so that two
+    engines on one machine never share a socket path."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="fs-engine-", dir=base))
+
+
+def ipc_address(run_dir: Path, name: str) -> str:
+    return f"ipc://{run_dir / name}"
