@@ -72,6 +72,7 @@ class Request:
         self.scheduled_in_step = 0  # step in which it was last admitted or swapped in (anti-thrashing)
         self.reclaim = False  # regained its rank while swapping out: keep the device copy when the copy lands
         self.num_cached_tokens = 0  # prompt tokens swapped in from the CPU store instead of prefilled
+        self.num_dropped_tokens = 0  # computed tokens its last recompute preemption dropped
         self.num_prompt_tokens_served = 0  # prompt tokens computed at least once (fair-share accounting)
 
     @property

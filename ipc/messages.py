@@ -78,6 +78,7 @@ class SwapDone:
     copies: int  # copy calls issued
     bytes: int
     seconds: float
+    error: str | None = None  # the copy failed: its KV cannot be trusted
 
 
 @dataclass

@@ -161,6 +161,11 @@ class CpuKVStore:
         self._touch(("copy", owner))
         return entry.blocks[: blocks_for(num_tokens, self.block_size)]
 
+    def pin(self, owner: str) -> None:
+        """Keep ``owner``'s copy from eviction until the matching ``release``."""
+        self.copies[owner].pins += 1
+        self._touch(("copy", owner))
+
     def release(self, owner: str, keep: bool | None = None) -> None:
         """Drop one pin of ``owner``'s copy. With reuse (or ``keep``), an unpinned copy stays as an evictable
         cache; without, it is freed as soon as nothing pins it."""
@@ -192,15 +197,20 @@ class CpuKVStore:
             return [], 0
         max_blocks = (len(token_ids) - 1) // self.block_size
         blocks: list[int] = []
+        verified_id, verified_to = None, 0  # the entry whose tokens [0, verified_to) equal token_ids'
         for i, h in enumerate(chain_hashes(token_ids, self.block_size, max_blocks, session_id)):
             hit = self._index.get(h)
-            if hit is None:
+            if hit is None or hit[1] != i:
                 break
-            prefix_id, index = hit
+            prefix_id = hit[0]
             entry = self.prefixes[prefix_id]
-            lo, hi = i * self.block_size, (i + 1) * self.block_size
-            if index != i or entry.token_ids[lo:hi] != token_ids[lo:hi]:
+            hi = (i + 1) * self.block_size
+            # KV of a block depends on every token before it: verify the whole prefix against this entry
+            # (only the new block when the previous blocks were verified against the same entry)
+            lo = verified_to if prefix_id == verified_id else 0
+            if entry.token_ids[lo:hi] != token_ids[lo:hi]:
                 break  # a hash collision: never serve KV of other tokens
+            verified_id, verified_to = prefix_id, hi
             blocks.append(entry.blocks[i])
             self._touch(("prefix", prefix_id))
         if blocks:

@@ -242,33 +242,49 @@ class Scheduler:
     def _admit(self, plan: StepPlan, request: Request, budget: int, ranked: list[Request], in_batch: set[str]):
         """Bring in a waiting or swapped request. True: it runs this step; False: it is swapping in
         asynchronously; None: it does not fit (yet)."""
-        prefix_blocks, matched = [], 0
-        if request.status is S.WAITING and self._reuse:
-            prefix_blocks, matched = self.cpu_store.lookup(request.token_ids, request.session_id)
+        rid = request.request_id
+        matched = self._pin_reusable_kv(request) if request.status is S.WAITING and self._reuse else 0
         computed = request.num_computed_tokens if request.status is S.SWAPPED else matched
         num_new = min(request.num_tokens - computed, budget)
         need = blocks_for(computed + num_new, self.kv.block_size)
         victims = self._victims_for(request, need, ranked, in_batch)
-        if victims is None:
+        if victims is not None:
+            for victim in victims:  # the KV to swap in is pinned: no victim's swap-out can evict it
+                self._preempt(plan, victim)
+        if victims is None or self.kv.num_free_blocks < need:  # (victims' blocks free up when their copies land)
+            if matched:
+                self.cpu_store.release(rid, keep=True)
             return None
-        for victim in victims:
-            self._preempt(plan, victim)
-        if self.kv.num_free_blocks < need:
-            return None  # the victims' blocks free up when their swap-outs land
-        assert self.kv.allocate_slots(request.request_id, computed + num_new)
+        assert self.kv.allocate_slots(rid, computed + num_new)
         request.scheduled_in_step = self._step_id
-        if request.status is S.WAITING and not matched:
+        if not computed:
             request.status = S.RUNNING
             return True
-        if matched:
-            self.cpu_store.attach_prefix(request.request_id, prefix_blocks, matched)
+        if request.status is S.WAITING:
             request.num_computed_tokens = matched
-            request.num_cached_tokens = max(request.num_cached_tokens, matched)
             self.num_reused_prefix_tokens += matched
-            host_blocks = prefix_blocks
-        else:
-            host_blocks = self.cpu_store.prepare_swap_in(request.request_id, computed)
-        return self._swap_in(plan, request, host_blocks)
+            # tokens a recompute preemption dropped but host memory still had are not recomputed after all
+            self.num_recomputed_tokens -= min(matched, request.num_dropped_tokens)
+            request.num_dropped_tokens = 0
+            request.num_cached_tokens = max(request.num_cached_tokens, min(matched, request.num_prompt_tokens))
+        return self._swap_in(plan, request, self.cpu_store.prepare_swap_in(rid, computed))
+
+    def _pin_reusable_kv(self, request: Request) -> int:
+        """Pin host KV a waiting request can start from: its own CPU copy (kept after an earlier swap-in, still
+        valid after a recompute preemption) or a stored prefix of its tokens, whichever covers more. Returns
+        the tokens covered (0: nothing pinned). Whole blocks only, and at least one token left to compute."""
+        rid = request.request_id
+        own = self.cpu_store.copy_of(rid)
+        limit = (request.num_tokens - 1) // self.kv.block_size * self.kv.block_size
+        own_tokens = min(own.valid_tokens, limit) // self.kv.block_size * self.kv.block_size if own else 0
+        prefix_blocks, prefix_tokens = self.cpu_store.lookup(request.token_ids, request.session_id)
+        if prefix_tokens > own_tokens:
+            self.cpu_store.discard(rid)  # a stale copy shorter than what the store offers
+            self.cpu_store.attach_prefix(rid, prefix_blocks, prefix_tokens)
+            return prefix_tokens
+        if own_tokens:
+            self.cpu_store.pin(rid)
+        return own_tokens
 
     def _swap_in(self, plan: StepPlan, request: Request, host_blocks: list[int]) -> bool:
         mode = self.swap.swap_mode
@@ -324,6 +340,7 @@ class Scheduler:
             self.num_recompute_fallbacks += 1
         self.kv.free(request.request_id)
         self.num_recomputed_tokens += request.num_computed_tokens
+        request.num_dropped_tokens = request.num_computed_tokens
         request.num_computed_tokens = 0
         request.status = S.WAITING
 
@@ -356,6 +373,8 @@ class Scheduler:
 
     # ---- results -----------------------------------------------------------------------------------------
     def _complete(self, done: SwapDone) -> None:
+        if done.error is not None:
+            raise RuntimeError(f"KV swap {done.swap_id} failed on the worker, its KV is lost: {done.error}")
         record = self._inflight.pop(done.swap_id)
         self.swap_copies += done.copies
         if record.kind == "in":
@@ -378,7 +397,8 @@ class Scheduler:
                 request.scheduled_in_step = self._step_id
                 self.cpu_store.release(request.request_id)
         elif request.status is S.SWAPPING_OUT:
-            if request.reclaim:  # rule 6: it ranks high again; run on from the device copy
+            seated = sum(1 for r in self.requests.values() if r.status in _SEATED)
+            if request.reclaim and seated < self.config.max_num_seqs:  # rule 6: run on from the device copy
                 request.status = S.RUNNING
                 request.scheduled_in_step = self._step_id
                 self.cpu_store.release(request.request_id)
@@ -470,7 +490,8 @@ class Scheduler:
                 assert on_device and copy is not None and copy.pins > 0 and rid in in_flight, f"{r}: copy not pinned"
             elif r.status is S.SWAPPED:
                 assert not on_device and copy is not None and copy.pins > 0, f"{r}: its only copy is not pinned"
-                assert copy.valid_tokens >= r.num_computed_tokens, f"{r}: host copy is incomplete"
+                if rid not in in_flight:  # (a sync swap-out's copy is valid once its step has run)
+                    assert copy.valid_tokens >= r.num_computed_tokens, f"{r}: host copy is incomplete"
             else:
                 assert not on_device and r.num_computed_tokens == 0, f"{r} waits holding device blocks"
         seated = sum(1 for r in self.requests.values() if r.status in _SEATED)

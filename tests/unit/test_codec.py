@@ -47,7 +47,7 @@ def test_token_ids_travel_as_raw_int32_bytes():
     (msgpack.packb([PROTOCOL_VERSION + 1, 0]), "protocol version"),
     (msgpack.packb({"a": 1}), "not a valid"),
     (msgpack.packb([PROTOCOL_VERSION, msgpack.ExtType(1, msgpack.packb(["NoSuchMessage", []]))]), "unknown message"),
-    (msgpack.packb([PROTOCOL_VERSION, msgpack.ExtType(1, msgpack.packb(["SwapDone", [1, 2]]))]), "needs 4 fields"),
+    (msgpack.packb([PROTOCOL_VERSION, msgpack.ExtType(1, msgpack.packb(["SwapDone", [1, 2]]))]), "needs 5 fields"),
     (encode(PLAN)[:-5], "not a valid"),
 ])
 def test_bad_frames_raise_protocol_errors(frame, match):

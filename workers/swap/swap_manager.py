@@ -101,13 +101,17 @@ class SwapManager:
                 time.sleep(self.inject_delay_s)
             start = time.perf_counter()
             command = job.command
-            if stream is not None:
-                with torch.cuda.stream(stream):
+            try:
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        stats = self._copy(command)
+                        stream.synchronize()  # the command's copies have landed
+                else:
                     stats = self._copy(command)
-                    stream.synchronize()  # the command's copies have landed
-            else:
-                stats = self._copy(command)
-            job.done = SwapDone(command.swap_id, stats.calls, stats.bytes, time.perf_counter() - start)
+                job.done = SwapDone(command.swap_id, stats.calls, stats.bytes, time.perf_counter() - start)
+            except Exception as e:  # noqa: BLE001 - reported to the frontend; the thread serves the next command
+                job.done = SwapDone(command.swap_id, 0, 0, time.perf_counter() - start,
+                                    error=f"{type(e).__name__}: {e}")
             with self._lock:
                 self._finished.append(command.swap_id)
             job.event.set()
