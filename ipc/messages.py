@@ -113,5 +113,134 @@ class StepResult:
     swap_wait_s: float = 0.0  # time this step waited on swaps before its forward pass
 
 
+# ---- client <-> frontend ---------------------------------------------------------------------------------
+# A client sends requests on a DEALER socket; the frontend answers on its ROUTER. Request ids are the
+# client's own (unique per client); every reply carries the id of the request it answers.
+
+
+@dataclass
+class GenerateRequest:
+    """``prompt`` is text, or None with ``prompt_token_ids`` given. ``params`` holds SamplingParams fields
+    (validated by the frontend). ``stream``: a TokenEvent per step, else one at the end."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None = field(default=None, metadata=INT32)
+    params: dict = field(default_factory=dict)
+    priority: int = 0
+    tenant: str = "default"
+    session_id: str | None = None
+    stream: bool = True
+
+
+@dataclass
+class TokenEvent:
+    """New output of one request: token ids and text since the previous event; the last has finish_reason."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list, metadata=INT32)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    prompt_token_ids: list[int] | None = field(default=None, metadata=INT32)  # on the first event only
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class UpdatePriority:
+    request_id: str
+    priority: int
+
+
+@dataclass
+class StatsRequest:
+    request_id: str  # a correlation id chosen by the client
+
+
+@dataclass
+class StatsReply:
+    request_id: str
+    stats: dict
+
+
+@dataclass
+class Ack:
+    request_id: str
+
+
+@dataclass
+class ErrorReply:
+    """The request (or, with request_id "", the message) was rejected or failed. ``fatal``: the engine is
+    going down and no further replies will come."""
+
+    request_id: str
+    message: str
+    fatal: bool = False
+
+
+@dataclass
+class KeepAlive:
+    """Sent to a client with requests in progress but nothing to stream, so a vanished client is noticed."""
+
+
+# ---- frontend <-> worker / swap processes ------------------------------------------------------------
+
+
+@dataclass
+class WorkerReady:
+    rank: int
+    pid: int
+    num_blocks: int
+    num_host_blocks: int  # what the configuration sizes for the swap process's host arena
+    device: str
+    dtype: str
+    block_bytes: int
+    arena: dict  # how another process opens this rank's device arena (shared-memory path or CUDA IPC handle)
+
+
+@dataclass
+class SwapReady:
+    pid: int
+    num_host_blocks: int
+
+
+@dataclass
+class OpenArenas:
+    """Frontend -> swap process: every rank's device arena, and the host arena to create."""
+
+    arenas: list[dict]
+    num_host_blocks: int
+    dtype: str
+    granularity: str
+    threads: int
+
+
+@dataclass
+class SwapBatch:
+    commands: list[SwapCommand] = field(default_factory=list)
+
+
+@dataclass
+class ProcessFailed:
+    """A worker or the swap process hit an error it cannot recover from; it exits after sending this."""
+
+    who: str
+    message: str
+
+
+@dataclass
+class Shutdown:
+    reason: str = ""
+
+
 # every type that may cross a process boundary, registered with the codec (ipc.codec) under its class name
-MESSAGE_TYPES = (SamplingSpec, NewRequest, ScheduledChunk, SwapCommand, SwapDone, StepPlan, StepResult)
+MESSAGE_TYPES = (
+    SamplingSpec, NewRequest, ScheduledChunk, SwapCommand, SwapDone, StepPlan, StepResult,
+    GenerateRequest, TokenEvent, AbortRequest, UpdatePriority, StatsRequest, StatsReply, Ack, ErrorReply, KeepAlive,
+    WorkerReady, SwapReady, OpenArenas, SwapBatch, ProcessFailed, Shutdown,
+)

@@ -13,7 +13,7 @@ from fs_engine.kv.kv_manager import blocks_for
 from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
 from ipc.messages import StepPlan, StepResult
-from workers.kv_arena import num_host_blocks, num_kv_blocks
+from workers.kv_arena import describe_arena, num_host_blocks, num_kv_blocks
 from workers.model_runner import ModelRunner
 from workers.parallel import SINGLE, TPContext
 
@@ -35,14 +35,25 @@ def resolve_dtype(name: str, device: torch.device) -> str:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, arch: ModelArch, max_model_len: int, tp: TPContext = SINGLE) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        arch: ModelArch,
+        max_model_len: int,
+        tp: TPContext = SINGLE,
+        shared_dir: str | None = None,
+    ) -> None:
+        """``shared_dir``: the multi-process layout. The device arena is shared with the swap process (a
+        shared-memory file there on a CPU, a CUDA IPC handle on a GPU) and this worker owns no host arena."""
         self.config = config
+        self.shared_dir = shared_dir
         self.arch = arch
         self.max_model_len = max_model_len
         self.device = resolve_device(config.device.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device.index or 0)
         self.dtype_name = resolve_dtype(config.model.dtype, self.device)
+        self.tp = tp
         self.runner = ModelRunner(
             config.model.model,
             arch,
@@ -68,9 +79,14 @@ class Worker:
         max_useful = self.config.scheduler.max_num_seqs * per_seq
         self.num_blocks = num_kv_blocks(self.config.cache, self.layout, self.device, max_useful)
         self.num_host_blocks = num_host_blocks(self.config.cache, self.layout, max_useful)
-        self.runner.init_kv_cache(self.layout, self.num_blocks, self.num_host_blocks,
-                                  self.config.swap.copy_granularity, self.config.swap.swap_threads)
+        self.shared_path = f"{self.shared_dir}/kv-rank{self.tp.rank}.bin" if self.shared_dir else None
+        local_host_blocks = 0 if self.shared_dir else self.num_host_blocks
+        self.runner.init_kv_cache(self.layout, self.num_blocks, local_host_blocks, self.config.swap.copy_granularity,
+                                  self.config.swap.swap_threads, self.shared_path)
         return self.num_blocks, self.num_host_blocks
+
+    def arena_spec(self) -> dict:
+        return describe_arena(self.runner.kv_arena, self.shared_path)
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import pickle
+
 import torch
 
 from fs_engine.config import CacheConfig
@@ -10,12 +13,42 @@ from fs_engine.kv.layout import KVLayout
 DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB when the user names no size on a CPU-only machine
 
 
-def allocate_kv_arena(layout: KVLayout, num_blocks: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def allocate_kv_arena(
+    layout: KVLayout, num_blocks: int, dtype: torch.dtype, device: torch.device, shared_path: str | None = None
+) -> torch.Tensor:
+    """The device arena; with ``shared_path`` on a CPU, a shared-memory file another process (the swap
+    process) maps too."""
     # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
     # zeros, not empty: attention reads whole blocks, including the unwritten tail of a request's last
     # block; those slots are masked out of the softmax, but recycled memory holding NaN would still turn
-    # 0 * NaN into NaN in probs @ V
-    return torch.zeros(layout.arena_shape(num_blocks), dtype=dtype, device=device)
+    # 0 * NaN into NaN in probs @ V (a new shared-memory file is zero-filled too)
+    shape = layout.arena_shape(num_blocks)
+    if shared_path is not None and device.type == "cpu":
+        return torch.from_file(shared_path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def describe_arena(arena: torch.Tensor, shared_path: str | None) -> dict:
+    """How another process opens this arena: the shared-memory file on a CPU, a CUDA IPC handle on a GPU."""
+    spec = {"shape": list(arena.shape), "dtype": str(arena.dtype).removeprefix("torch.")}
+    if arena.is_cuda:
+        spec.update(kind="cuda_ipc", device=arena.device.index or 0,
+                    handle=pickle.dumps(arena.untyped_storage()._share_cuda_()))
+    else:
+        assert shared_path is not None, "a CPU arena must live in shared memory to be opened elsewhere"
+        spec.update(kind="file", path=shared_path)
+    return spec
+
+
+def open_arena(spec: dict) -> torch.Tensor:
+    """The arena another process described with ``describe_arena``, mapped into this one."""
+    dtype = getattr(torch, spec["dtype"])
+    shape = tuple(spec["shape"])
+    if spec["kind"] == "file":
+        return torch.from_file(spec["path"], shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+    torch.cuda.set_device(spec["device"])
+    storage = torch.UntypedStorage._new_shared_cuda(*pickle.loads(spec["handle"]))
+    return torch.empty(0, dtype=dtype, device=f"cuda:{spec['device']}").set_(storage).view(shape)
 
 
 def allocate_host_arena(layout: KVLayout, num_blocks: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:

@@ -57,9 +57,11 @@ class ModelRunner:
         return KVLayout(self.arch.num_layers, self.block_size, self.num_kv_heads, self.arch.head_dim, dtype_name)
 
     def init_kv_cache(
-        self, layout: KVLayout, num_blocks: int, num_host_blocks: int, granularity: str, swap_threads: int
+        self, layout: KVLayout, num_blocks: int, num_host_blocks: int, granularity: str, swap_threads: int,
+        shared_path: str | None = None,
     ) -> None:
-        self.kv_arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device)
+        """``num_host_blocks=0``: no host arena here (none at all, or the swap process owns it)."""
+        self.kv_arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device, shared_path)
         self.attn = self.backend_cls(self.kv_arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
         if num_host_blocks > 0:
             pin = self.device.type == "cuda"

@@ -9,6 +9,7 @@ from typing import Any
 
 from fs_engine.config import EngineConfig
 from fs_engine.engine.executor import InProcessExecutor
+from fs_engine.engine.mp_executor import MultiprocExecutor
 from fs_engine.kv.cpu_store import CpuKVStore
 from fs_engine.kv.kv_manager import KVCacheManager, blocks_for
 from fs_engine.model_config import ModelArch, load_model_arch
@@ -45,7 +46,10 @@ def resolve_max_model_len(config: EngineConfig, arch: ModelArch) -> int:
 
 
 class LLMEngine:
-    def __init__(self, model: str | Path | None = None, **engine_args: Any) -> None:
+    """``multiprocess=True`` runs the model in a worker process and swaps in a swap process (the deployed
+    shape, used by ``fs-engine launch``); the default runs everything in this process."""
+
+    def __init__(self, model: str | Path | None = None, *, multiprocess: bool = False, **engine_args: Any) -> None:
         model_path = resolve_model_path(model)
         self.config = EngineConfig.from_kwargs(model=model_path, **engine_args)
         self.arch = load_model_arch(model_path)
@@ -55,7 +59,8 @@ class LLMEngine:
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.executor = InProcessExecutor(self.config, self.arch, self.max_model_len)
+        executor_cls = MultiprocExecutor if multiprocess else InProcessExecutor
+        self.executor = executor_cls(self.config, self.arch, self.max_model_len)
         self.block_size = self.config.cache.block_size
         self.kv = KVCacheManager(self.executor.num_blocks, self.block_size, self.config.cache.block_allocator)
         self.cpu_store = CpuKVStore(self.executor.num_cpu_blocks, self.block_size, self.config.swap.enable_kv_reuse)

@@ -1,0 +1,173 @@
+"""The multi-process executor: plans go to worker processes, swap commands to the swap process, over ZeroMQ.
+
+    frontend (this process)          plans-<rank> (PUSH) ──> worker rank r ──> results (PULL)
+        LLMEngine + scheduler        swap-commands (PUSH) ──> swap process ──> swap-done (PULL)
+
+Same interface as ``InProcessExecutor``. The order of one step mirrors the in-process worker's: submit the
+plan's swap-outs and wait for those marked ``wait``, then its swap-ins likewise, then send the plan (without
+swaps) to every rank and read rank 0's result. Completions of unwaited swaps are collected whenever they
+arrive and handed to the scheduler with the next result.
+
+Every wait polls with a timeout and checks that each child is alive: a dead worker or swap process (or one
+that reports ``ProcessFailed``) raises ``EngineDeadError`` within about a second, never a hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import shutil
+import time
+from typing import Any
+
+import zmq
+
+from fs_engine.config import EngineConfig
+from fs_engine.kv.layout import KVLayout
+from fs_engine.model_config import ModelArch
+from ipc.channels import Puller, Pusher, instance_dir, ipc_address
+from ipc.errors import EngineDeadError
+from ipc.messages import (
+    OpenArenas,
+    ProcessFailed,
+    Shutdown,
+    StepPlan,
+    StepResult,
+    SwapBatch,
+    SwapDone,
+    SwapReady,
+    WorkerReady,
+)
+
+POLL_S = 0.5
+
+
+class MultiprocExecutor:
+    def __init__(self, config: EngineConfig, arch: ModelArch, max_model_len: int, ready_timeout_s: float = 600.0):
+        from workers.procs import run_swap_process, run_worker
+
+        self.run_dir = instance_dir()
+        self.ctx = zmq.Context()
+        names = ["plans-0", "results", "swap-commands", "swap-done"]
+        self.addresses = {name: ipc_address(self.run_dir, name) for name in names}
+        self._plans = [Pusher(self.ctx, self.addresses["plans-0"], bind=True)]
+        self._results = Puller(self.ctx, self.addresses["results"])
+        self._swap_commands = Pusher(self.ctx, self.addresses["swap-commands"], bind=True)
+        self._swap_done = Puller(self.ctx, self.addresses["swap-done"])
+        spawn = multiprocessing.get_context("spawn")
+        self.workers = [spawn.Process(target=run_worker, name="fs-engine-worker-0", daemon=True,
+                                      args=(config, arch, max_model_len, 0, str(self.run_dir), self.addresses))]
+        self.swapper = spawn.Process(target=run_swap_process, name="fs-engine-swap", daemon=True,
+                                     args=(self.addresses,))
+        self._done: list[SwapDone] = []
+        self._in_flight: set[int] = set()
+        self._closed = False
+        try:
+            for proc in (*self.workers, self.swapper):
+                proc.start()
+            self._handshake(config, arch, ready_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _handshake(self, config: EngineConfig, arch: ModelArch, timeout_s: float) -> None:
+        ready: WorkerReady = self._recv(self._results, "worker rank 0 to load the model", timeout_s)
+        self.num_blocks = ready.num_blocks
+        self.num_cpu_blocks = ready.num_host_blocks
+        self.device = ready.device
+        self.dtype_name = ready.dtype
+        self.layout = KVLayout(arch.num_layers, config.cache.block_size, arch.num_kv_heads, arch.head_dim, ready.dtype)
+        self.worker_pids = [ready.pid]
+        self._swap_commands.send(OpenArenas([ready.arena], ready.num_host_blocks, ready.dtype,
+                                            config.swap.copy_granularity, config.swap.swap_threads))
+        swap_ready: SwapReady = self._recv(self._swap_done, "the swap process to map the KV arenas", 120.0)
+        self.swap_pid = swap_ready.pid
+
+    # ---- waiting on children -----------------------------------------------------------------------------
+    def _check_children(self) -> None:
+        for proc in (*self.workers, self.swapper):
+            if not proc.is_alive():
+                raise EngineDeadError(f"the engine's {proc.name} process died (exit code {proc.exitcode})")
+
+    def _recv(self, channel: Puller, what: str, timeout_s: float | None = None) -> Any:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            msg = channel.recv(timeout_s=POLL_S)
+            if isinstance(msg, ProcessFailed):
+                raise EngineDeadError(f"{msg.who} failed:\n{msg.message}")
+            if msg is not None:
+                return msg
+            self._check_children()
+            if deadline is not None and time.monotonic() > deadline:
+                raise EngineDeadError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+    def _collect_swaps(self, timeout_s: float) -> None:
+        msg = self._swap_done.recv(timeout_s=timeout_s)
+        while msg is not None:
+            if isinstance(msg, ProcessFailed):
+                raise EngineDeadError(f"{msg.who} failed:\n{msg.message}")
+            self._done.append(msg)
+            self._in_flight.discard(msg.swap_id)
+            msg = self._swap_done.recv(timeout_s=0)
+
+    def _wait_swaps(self, swap_ids: set[int]) -> float:
+        start = time.perf_counter()
+        while swap_ids & self._in_flight:
+            self._collect_swaps(POLL_S)
+            self._check_children()
+        return time.perf_counter() - start
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def execute(self, plan: StepPlan) -> StepResult:
+        start = time.perf_counter()
+        wait_s = 0.0
+        for kind in ("out", "in"):  # waited swap-outs land before swap-ins may reuse their device blocks
+            commands = [c for c in plan.swaps if c.kind == kind]
+            if commands:
+                self._in_flight.update(c.swap_id for c in commands)
+                self._swap_commands.send(SwapBatch(commands))
+                wait_s += self._wait_swaps({c.swap_id for c in commands if c.wait})
+        if plan.chunks or plan.new_requests or plan.finished_ids:
+            for channel in self._plans:
+                channel.send(dataclasses.replace(plan, swaps=[]))
+            result: StepResult = self._recv(self._results, f"step {plan.step_id}")
+        else:
+            result = StepResult(step_id=plan.step_id)
+            if self._in_flight and not wait_s:  # nothing to compute: block on a copy instead of spinning
+                t = time.perf_counter()
+                self._collect_swaps(1.0)
+                wait_s += time.perf_counter() - t
+        self._collect_swaps(0)
+        result.swaps_done, self._done = self._done, []
+        result.swap_wait_s = wait_s
+        result.execute_s = time.perf_counter() - start
+        return result
+
+    def child_pids(self) -> list[int]:
+        return [p.pid for p in (*self.workers, self.swapper) if p.pid is not None]
+
+    def shutdown(self) -> None:
+        """Ask every child to stop, wait briefly, then make sure: no process outlives the engine."""
+        if self._closed:
+            return
+        self._closed = True
+        for channel in (*self._plans, self._swap_commands):
+            try:
+                channel.send(Shutdown("engine shutdown"))
+            except zmq.ZMQError:
+                pass
+        deadline = time.monotonic() + 5.0
+        for proc in (*self.workers, self.swapper):
+            if proc.pid is None:
+                continue
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2.0)
+        for channel in (*self._plans, self._results, self._swap_commands, self._swap_done):
+            channel.close()
+        self.ctx.term()
+        shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""Entry points of the engine's child processes: one GPU worker per tensor-parallel rank, and the swap process.
+
+Both connect to sockets the frontend has bound, announce themselves (``WorkerReady`` / ``SwapReady``) and
+then execute what they are sent, deciding nothing. On an error they send ``ProcessFailed`` with the
+traceback and exit non-zero; when the frontend disappears (its process is gone) they exit on their own, so
+a killed frontend leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import traceback
+from typing import Any
+
+from ipc.channels import Puller, Pusher
+from ipc.messages import (
+    OpenArenas,
+    ProcessFailed,
+    Shutdown,
+    StepPlan,
+    SwapBatch,
+    SwapDone,
+    SwapReady,
+    WorkerReady,
+)
+
+IDLE_POLL_S = 1.0  # how often an idle child checks that the frontend is still alive
+
+
+def _frontend_alive() -> bool:
+    parent = multiprocessing.parent_process()
+    return parent is None or parent.is_alive()
+
+
+def run_worker(config: Any, arch: Any, max_model_len: int, rank: int, run_dir: str, addresses: dict) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    results = Pusher(ctx, addresses["results"])
+    try:
+        from workers.gpu_worker import Worker
+
+        worker = Worker(config, arch, max_model_len, shared_dir=run_dir)
+        num_blocks, num_host_blocks = worker.init_kv_cache()
+        plans = Puller(ctx, addresses[f"plans-{rank}"], bind=False)
+        results.send(WorkerReady(rank, os.getpid(), num_blocks, num_host_blocks, str(worker.device),
+                                 worker.dtype_name, worker.layout.block_bytes, worker.arena_spec()))
+        while True:
+            msg = plans.recv(timeout_s=IDLE_POLL_S)
+            if msg is None:
+                if not _frontend_alive():
+                    return
+                continue
+            if isinstance(msg, Shutdown):
+                return
+            assert isinstance(msg, StepPlan), f"worker got {type(msg).__name__}"
+            result = worker.execute(msg)
+            if rank == 0:  # rank 0 returns the sampled tokens for every rank
+                results.send(result)
+    except Exception:  # noqa: BLE001 - reported, then the process exits non-zero
+        results.send(ProcessFailed(f"worker rank {rank}", traceback.format_exc()))
+        results.close()
+        ctx.term()
+        os._exit(1)
+    finally:
+        results.close()
+
+
+def run_swap_process(addresses: dict) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    done_out = Pusher(ctx, addresses["swap-done"])
+    try:
+        import torch
+
+        from workers.kv_arena import open_arena
+        from workers.swap.copier import KVCopier
+        from workers.swap.swap_manager import SwapManager
+
+        commands = Puller(ctx, addresses["swap-commands"], bind=False)
+        setup = None
+        while setup is None:
+            setup = commands.recv(timeout_s=IDLE_POLL_S)
+            if setup is None and not _frontend_alive():
+                return
+            if isinstance(setup, Shutdown):
+                return
+        assert isinstance(setup, OpenArenas), f"swap process got {type(setup).__name__} before OpenArenas"
+        managers = []
+        for spec in setup.arenas:  # one host arena per rank: each rank's KV heads are its own
+            device_arena = open_arena(spec)
+            # same block layout as the device arena; pinned when a GPU copies to it (one DMA per run)
+            host = torch.empty((setup.num_host_blocks, *device_arena.shape[1:]), dtype=device_arena.dtype,
+                               pin_memory=device_arena.is_cuda)
+            managers.append(SwapManager(KVCopier(device_arena, host, setup.granularity), setup.threads))
+        done_out.send(SwapReady(os.getpid(), setup.num_host_blocks))
+        _serve_swaps(commands, done_out, managers)
+    except Exception:  # noqa: BLE001
+        done_out.send(ProcessFailed("swap process", traceback.format_exc()))
+        done_out.close()
+        ctx.term()
+        os._exit(1)
+    finally:
+        done_out.close()
+
+
+def _serve_swaps(commands: Puller, done_out: Pusher, managers: list) -> None:
+    pending: dict[int, list[SwapDone]] = {}  # swap id -> completions so far, one per rank
+    while True:
+        in_flight = any(m.num_in_flight for m in managers)
+        msg = commands.recv(timeout_s=0.001 if in_flight else IDLE_POLL_S)
+        if isinstance(msg, Shutdown):
+            return
+        if isinstance(msg, SwapBatch):
+            for command in msg.commands:
+                pending[command.swap_id] = []
+                for manager in managers:  # rule 7: every rank applies the same commands
+                    manager.submit(command)
+        elif msg is None and not in_flight and not _frontend_alive():
+            return
+        for manager in managers:
+            for done in manager.poll():
+                pending[done.swap_id].append(done)
+        for swap_id in [i for i, d in pending.items() if len(d) == len(managers)]:
+            parts = pending.pop(swap_id)  # reported once every rank's copy has landed
+            error = next((d.error for d in parts if d.error), None)
+            done_out.send(SwapDone(swap_id, sum(d.copies for d in parts), sum(d.bytes for d in parts),
+                                   max(d.seconds for d in parts), error))
