@@ -87,6 +87,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    import os
+
+    from fs_engine.engine.llm_engine import LLMEngine
+    from fs_engine.engine.server import FrontendServer
+
+    engine = LLMEngine(args.model, multiprocess=True, **engine_kwargs(args))
+    server = FrontendServer(engine, f"tcp://{args.host}:{args.port}")
+    server.install_signal_handlers()
+    print(f"fs-engine ready at {server.address} (model {engine.config.model.model}, {engine.arch.architecture}, "
+          f"device {engine.executor.device}, {engine.kv.num_blocks} KV blocks, frontend pid {os.getpid()})",
+          flush=True)
+    return server.serve()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fs-engine", description="fairness-aware LLM serving engine", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    launch = sub.add_parser("launch", allow_abbrev=False,
+                            help="serve clients over ZeroMQ: frontend, worker and swap processes")
+    launch.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
+    launch.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    launch.add_argument("--port", type=int, default=5555, help="port to listen on (0: any free port)")
+    add_engine_args(launch)
+    launch.set_defaults(func=cmd_launch)
     return parser
 
 

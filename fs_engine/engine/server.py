@@ -1,0 +1,205 @@
+"""The frontend server: clients on a ZeroMQ ROUTER socket, one ``LLMEngine`` stepping in this process.
+
+Loop: drain client messages (without waiting while the engine has work) -> ``engine.step()`` -> send each
+request's new tokens and text to its client. A client names its requests itself; ids are kept apart per
+client. Bad input gets an ``ErrorReply`` and the server keeps serving the others. A client that vanished is
+noticed on the next send to it (streamed tokens, or a ``KeepAlive`` every second) and its requests are
+aborted, so their KV is freed. If the engine dies (a worker or the swap process is gone), every pending
+request gets a fatal ``ErrorReply`` and ``serve`` returns a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from typing import Any
+
+import zmq
+
+from fs_engine.engine.llm_engine import LLMEngine
+from fs_engine.request import RequestOutput
+from fs_engine.sampling_params import SamplingParams
+from ipc.channels import PeerGone, Router
+from ipc.errors import EngineDeadError, ProtocolError
+from ipc.messages import (
+    AbortRequest,
+    Ack,
+    ErrorReply,
+    GenerateRequest,
+    KeepAlive,
+    StatsReply,
+    StatsRequest,
+    TokenEvent,
+    UpdatePriority,
+)
+
+KEEPALIVE_S = 1.0
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+@dataclasses.dataclass
+class _Pending:
+    identity: bytes
+    client_id: str
+    stream: bool
+    holdback: int  # trailing characters kept back while they could still start a stop string
+    tokens_sent: int = 0
+    chars_sent: int = 0
+    first: bool = True
+
+
+class FrontendServer:
+    def __init__(self, engine: LLMEngine, address: str) -> None:
+        self.engine = engine
+        self.ctx = zmq.Context()
+        self.router = Router(self.ctx, address)
+        self.address = self.router.address
+        self._pending: dict[str, _Pending] = {}
+        self._stop = False
+        self._last_keepalive = 0.0
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self.request_stop)
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def serve(self) -> int:
+        """Serve until ``request_stop``; 0 on a clean stop, 1 if the engine died."""
+        code = 0
+        try:
+            while not self._stop:
+                busy = self.engine.has_unfinished_requests()
+                self._drain(timeout_s=0 if busy else 0.05)
+                if self.engine.has_unfinished_requests():
+                    self._deliver(self.engine.step())
+                self._keepalive()
+        except EngineDeadError as e:
+            self._fail_all(f"the engine died: {e}")
+            code = 1
+        finally:
+            if code == 0:
+                self._fail_all("the engine is shutting down")
+            self.close()
+        return code
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.router.close()
+        self.ctx.term()
+
+    def _drain(self, timeout_s: float) -> None:
+        while (item := self.router.recv(timeout_s=timeout_s)) is not None:
+            timeout_s = 0
+            identity, msg = item
+            self._handle(identity, msg)
+
+    # ---- client messages ---------------------------------------------------------------------------------
+    def _handle(self, identity: bytes, msg: Any) -> None:
+        if isinstance(msg, ProtocolError):
+            return self._send(identity, ErrorReply("", f"malformed message: {msg}"))
+        if isinstance(msg, GenerateRequest):
+            return self._generate(identity, msg)
+        if isinstance(msg, AbortRequest):
+            key = self._key(identity, msg.request_id)
+            try:
+                self.engine.abort(key)
+            except ValueError as e:
+                return self._send(identity, ErrorReply(msg.request_id, str(e)))
+            pending = self._pending.pop(key, None)
+            if pending is not None:  # the generate call ends, telling why
+                self._send(identity, TokenEvent(msg.request_id, finished=True, finish_reason="abort"))
+            return self._send(identity, Ack(msg.request_id))
+        if isinstance(msg, UpdatePriority):
+            try:
+                self.engine.update_priority(self._key(identity, msg.request_id), msg.priority)
+            except ValueError as e:
+                return self._send(identity, ErrorReply(msg.request_id, str(e)))
+            return self._send(identity, Ack(msg.request_id))
+        if isinstance(msg, StatsRequest):
+            stats = dict(self.engine.stats())
+            pids = getattr(self.engine.executor, "child_pids", None)
+            stats["child_pids"] = pids() if pids else []
+            return self._send(identity, StatsReply(msg.request_id, stats))
+        self._send(identity, ErrorReply("", f"unexpected message {type(msg).__name__} from a client"))
+
+    @staticmethod
+    def _key(identity: bytes, request_id: str) -> str:
+        return f"{identity.hex()}/{request_id}"
+
+    def _generate(self, identity: bytes, msg: GenerateRequest) -> None:
+        key = self._key(identity, msg.request_id)
+        try:
+            unknown = set(msg.params) - _SAMPLING_FIELDS
+            if unknown:
+                raise ValueError(f"unknown sampling parameters {sorted(unknown)}; valid: {sorted(_SAMPLING_FIELDS)}")
+            params = SamplingParams(**msg.params)
+            prompt = msg.prompt if msg.prompt is not None else msg.prompt_token_ids
+            if prompt is None:
+                raise ValueError("give a prompt: text or prompt_token_ids")
+            if not isinstance(msg.priority, int) or not isinstance(msg.tenant, str):
+                raise ValueError("priority must be an integer and tenant a string")
+            if key in self._pending:
+                raise ValueError(f"request id {msg.request_id!r} is already in use by this client")
+            self.engine.add_request(key, prompt, params, priority=msg.priority, tenant=msg.tenant,
+                                    session_id=msg.session_id)
+        except (ValueError, TypeError) as e:
+            return self._send(identity, ErrorReply(msg.request_id, str(e)))
+        holdback = max((len(s) for s in params.stop), default=1) - 1
+        self._pending[key] = _Pending(identity, msg.request_id, msg.stream, holdback)
+
+    # ---- outputs -----------------------------------------------------------------------------------------
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            pending = self._pending.get(out.request_id)
+            if pending is None:
+                continue
+            if out.finished:
+                del self._pending[out.request_id]
+            if not pending.stream and not out.finished:
+                continue
+            # stream: only what is new; text that might still turn into a stop string is held back
+            end = len(out.text) if out.finished else max(pending.chars_sent, len(out.text) - pending.holdback)
+            event = TokenEvent(
+                pending.client_id,
+                token_ids=out.token_ids[pending.tokens_sent :],
+                text=out.text[pending.chars_sent : end],
+                finished=out.finished,
+                finish_reason=out.finish_reason,
+                num_cached_tokens=out.num_cached_tokens,
+                prompt_token_ids=out.prompt_token_ids if pending.first else None,
+            )
+            pending.tokens_sent, pending.chars_sent, pending.first = len(out.token_ids), end, False
+            self._send(pending.identity, event)
+
+    def _send(self, identity: bytes, msg: Any) -> None:
+        try:
+            self.router.send(identity, msg)
+        except PeerGone:
+            self._client_gone(identity)
+
+    def _client_gone(self, identity: bytes) -> None:
+        """The client disconnected: abort its requests so their KV is freed."""
+        for key in [k for k, p in self._pending.items() if p.identity == identity]:
+            del self._pending[key]
+            if key in self.engine.scheduler.requests:
+                self.engine.abort(key)
+
+    def _keepalive(self) -> None:
+        now = time.monotonic()
+        if now - self._last_keepalive < KEEPALIVE_S:
+            return
+        self._last_keepalive = now
+        for identity in {p.identity for p in self._pending.values()}:
+            self._send(identity, KeepAlive())
+
+    def _fail_all(self, message: str) -> None:
+        for pending in list(self._pending.values()):
+            try:
+                self.router.send(pending.identity, ErrorReply(pending.client_id, message, fatal=True))
+            except PeerGone:
+                pass
+        self._pending.clear()
