@@ -48,8 +48,14 @@ class Pusher(_Channel):
     def __init__(self, ctx: zmq.Context, address: str, bind: bool = False) -> None:
         super().__init__(ctx, zmq.PUSH, address, bind)
 
-    def send(self, msg: Any) -> None:
+    def send(self, msg: Any, timeout_s: float | None = None) -> bool:
+        """Send; with a timeout, give up (False) if no peer takes it in time. A PUSH socket with no
+        connected peer (it died) blocks forever on a plain send: callers that can outlive a peer pass a
+        timeout and check the peer's health between tries."""
+        if timeout_s is not None and not self.socket.poll(int(timeout_s * 1000), zmq.POLLOUT):
+            return False
         self.socket.send(encode(msg), copy=False)
+        return True
 
 
 class Puller(_Channel):

@@ -33,6 +33,13 @@ def _frontend_alive() -> bool:
     return parent is None or parent.is_alive()
 
 
+def _send(channel: Pusher, msg: Any) -> None:
+    """Send to the frontend; exit quietly if it is gone (a plain send to a dead peer blocks forever)."""
+    while not channel.send(msg, timeout_s=IDLE_POLL_S):
+        if not _frontend_alive():
+            os._exit(0)
+
+
 def run_worker(config: Any, arch: Any, max_model_len: int, rank: int, run_dir: str, addresses: dict) -> None:
     import zmq
 
@@ -44,7 +51,7 @@ def run_worker(config: Any, arch: Any, max_model_len: int, rank: int, run_dir: s
         worker = Worker(config, arch, max_model_len, shared_dir=run_dir)
         num_blocks, num_host_blocks = worker.init_kv_cache()
         plans = Puller(ctx, addresses[f"plans-{rank}"], bind=False)
-        results.send(WorkerReady(rank, os.getpid(), num_blocks, num_host_blocks, str(worker.device),
+        _send(results, WorkerReady(rank, os.getpid(), num_blocks, num_host_blocks, str(worker.device),
                                  worker.dtype_name, worker.layout.block_bytes, worker.arena_spec()))
         while True:
             msg = plans.recv(timeout_s=IDLE_POLL_S)
@@ -57,9 +64,9 @@ def run_worker(config: Any, arch: Any, max_model_len: int, rank: int, run_dir: s
             assert isinstance(msg, StepPlan), f"worker got {type(msg).__name__}"
             result = worker.execute(msg)
             if rank == 0:  # rank 0 returns the sampled tokens for every rank
-                results.send(result)
+                _send(results, result)
     except Exception:  # noqa: BLE001 - reported, then the process exits non-zero
-        results.send(ProcessFailed(f"worker rank {rank}", traceback.format_exc()))
+        results.send(ProcessFailed(f"worker rank {rank}", traceback.format_exc()), timeout_s=IDLE_POLL_S)
         results.close()
         ctx.term()
         os._exit(1)
@@ -95,10 +102,10 @@ def run_swap_process(addresses: dict) -> None:
             host = torch.empty((setup.num_host_blocks, *device_arena.shape[1:]), dtype=device_arena.dtype,
                                pin_memory=device_arena.is_cuda)
             managers.append(SwapManager(KVCopier(device_arena, host, setup.granularity), setup.threads))
-        done_out.send(SwapReady(os.getpid(), setup.num_host_blocks))
+        _send(done_out, SwapReady(os.getpid(), setup.num_host_blocks))
         _serve_swaps(commands, done_out, managers)
     except Exception:  # noqa: BLE001
-        done_out.send(ProcessFailed("swap process", traceback.format_exc()))
+        done_out.send(ProcessFailed("swap process", traceback.format_exc()), timeout_s=IDLE_POLL_S)
         done_out.close()
         ctx.term()
         os._exit(1)
@@ -126,5 +133,5 @@ def _serve_swaps(commands: Puller, done_out: Pusher, managers: list) -> None:
         for swap_id in [i for i, d in pending.items() if len(d) == len(managers)]:
             parts = pending.pop(swap_id)  # reported once every rank's copy has landed
             error = next((d.error for d in parts if d.error), None)
-            done_out.send(SwapDone(swap_id, sum(d.copies for d in parts), sum(d.bytes for d in parts),
+            _send(done_out, SwapDone(swap_id, sum(d.copies for d in parts), sum(d.bytes for d in parts),
                                    max(d.seconds for d in parts), error))

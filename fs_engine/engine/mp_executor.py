@@ -78,7 +78,7 @@ class MultiprocExecutor:
         self.dtype_name = ready.dtype
         self.layout = KVLayout(arch.num_layers, config.cache.block_size, arch.num_kv_heads, arch.head_dim, ready.dtype)
         self.worker_pids = [ready.pid]
-        self._swap_commands.send(OpenArenas([ready.arena], ready.num_host_blocks, ready.dtype,
+        self._send(self._swap_commands, OpenArenas([ready.arena], ready.num_host_blocks, ready.dtype,
                                             config.swap.copy_granularity, config.swap.swap_threads))
         swap_ready: SwapReady = self._recv(self._swap_done, "the swap process to map the KV arenas", 120.0)
         self.swap_pid = swap_ready.pid
@@ -100,6 +100,10 @@ class MultiprocExecutor:
             self._check_children()
             if deadline is not None and time.monotonic() > deadline:
                 raise EngineDeadError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+    def _send(self, channel: Pusher, msg: Any) -> None:
+        while not channel.send(msg, timeout_s=POLL_S):  # a dead peer takes nothing: notice it, never block
+            self._check_children()
 
     def _collect_swaps(self, timeout_s: float) -> None:
         msg = self._swap_done.recv(timeout_s=timeout_s)
@@ -125,11 +129,11 @@ class MultiprocExecutor:
             commands = [c for c in plan.swaps if c.kind == kind]
             if commands:
                 self._in_flight.update(c.swap_id for c in commands)
-                self._swap_commands.send(SwapBatch(commands))
+                self._send(self._swap_commands, SwapBatch(commands))
                 wait_s += self._wait_swaps({c.swap_id for c in commands if c.wait})
         if plan.chunks or plan.new_requests or plan.finished_ids:
             for channel in self._plans:
-                channel.send(dataclasses.replace(plan, swaps=[]))
+                self._send(channel, dataclasses.replace(plan, swaps=[]))
             result: StepResult = self._recv(self._results, f"step {plan.step_id}")
         else:
             result = StepResult(step_id=plan.step_id)
@@ -153,7 +157,7 @@ class MultiprocExecutor:
         self._closed = True
         for channel in (*self._plans, self._swap_commands):
             try:
-                channel.send(Shutdown("engine shutdown"))
+                channel.send(Shutdown("engine shutdown"), timeout_s=0.1)  # a dead child takes nothing
             except zmq.ZMQError:
                 pass
         deadline = time.monotonic() + 5.0
