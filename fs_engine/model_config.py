@@ -62,10 +62,6 @@ class ModelArch:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """Bytes of K and V across all layers for one token on one tensor-parallel rank of size 1."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
 
 def _rope_config(raw: dict[str, Any]) -> RopeConfig:
     params = raw.get("rope_parameters") or {}

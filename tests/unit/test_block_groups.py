@@ -457,7 +457,8 @@ def test_group_free_outside_the_arena_does_not_merge_into_free_memory():
 def test_a_rejected_free_releases_nothing(allocator_cls):
     alloc = allocator_cls(8)
     held = alloc.allocate(4)
-    for bad in ([held[0], 99], [held[0], held[0]], [held[1], 6]):  # out of range, repeated, never allocated
+    # out of range (above and below), repeated, never allocated
+    for bad in ([held[0], 99], [-1], [held[0], held[0]], [held[1], 6]):
         with pytest.raises((ValueError, RuntimeError)):
             alloc.free(bad)
         assert alloc.num_free_blocks == 4

@@ -174,14 +174,3 @@ def test_kv_manager_random_operations_keep_invariants(num_blocks, block_size, se
         kv.free(rid)
     kv.check_invariants()
     assert kv.num_free_blocks == num_blocks
-
-
-def test_freeing_a_block_id_outside_the_arena_raises():
-    from fs_engine.kv.block_pool import FreeListAllocator
-
-    alloc = FreeListAllocator(8)
-    alloc.allocate(8)
-    for bad in (-1, 8):
-        with pytest.raises(ValueError, match="outside"):
-            alloc.free([bad])
-    alloc.check_invariants()
