@@ -2,14 +2,16 @@
 
 Both connect to sockets the frontend has bound, announce themselves (``WorkerReady`` / ``SwapReady``) and
 then execute what they are sent, deciding nothing. On an error they send ``ProcessFailed`` with the
-traceback and exit non-zero; when the frontend disappears (its process is gone) they exit on their own, so
-a killed frontend leaves no orphans.
+traceback and exit non-zero; when the frontend disappears (its process is gone) they exit on their own and
+remove the engine's run directory (sockets, shared-memory arenas), so a killed frontend leaves no orphan
+process and nothing in /dev/shm.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import traceback
 from typing import Any
 
@@ -33,10 +35,17 @@ def _frontend_alive() -> bool:
     return parent is None or parent.is_alive()
 
 
-def _send(channel: Pusher, msg: Any) -> None:
+def _orphaned(run_dir: str) -> None:
+    """The frontend is gone without shutting us down (it was killed): nobody else will clean up. Every child
+    removes the run directory; the files' memory is freed once the last process unmaps them."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _send(channel: Pusher, msg: Any, run_dir: str) -> None:
     """Send to the frontend; exit quietly if it is gone (a plain send to a dead peer blocks forever)."""
     while not channel.send(msg, timeout_s=IDLE_POLL_S):
         if not _frontend_alive():
+            _orphaned(run_dir)
             os._exit(0)
 
 
@@ -52,19 +61,19 @@ def run_worker(config: Any, arch: Any, max_model_len: int, rank: int, run_dir: s
         num_blocks, num_host_blocks = worker.init_kv_cache()
         plans = Puller(ctx, addresses[f"plans-{rank}"], bind=False)
         _send(results, WorkerReady(rank, os.getpid(), num_blocks, num_host_blocks, str(worker.device),
-                                 worker.dtype_name, worker.layout.block_bytes, worker.arena_spec()))
+                                 worker.dtype_name, worker.layout.block_bytes, worker.arena_spec()), run_dir)
         while True:
             msg = plans.recv(timeout_s=IDLE_POLL_S)
             if msg is None:
                 if not _frontend_alive():
-                    return
+                    return _orphaned(run_dir)
                 continue
             if isinstance(msg, Shutdown):
                 return
             assert isinstance(msg, StepPlan), f"worker got {type(msg).__name__}"
             result = worker.execute(msg)
             if rank == 0:  # rank 0 returns the sampled tokens for every rank
-                _send(results, result)
+                _send(results, result, run_dir)
     except Exception:  # noqa: BLE001 - reported, then the process exits non-zero
         results.send(ProcessFailed(f"worker rank {rank}", traceback.format_exc()), timeout_s=IDLE_POLL_S)
         results.close()
@@ -74,7 +83,7 @@ def run_worker(config: Any, arch: Any, max_model_len: int, rank: int, run_dir: s
         results.close()
 
 
-def run_swap_process(addresses: dict) -> None:
+def run_swap_process(run_dir: str, addresses: dict) -> None:
     import zmq
 
     ctx = zmq.Context()
@@ -91,7 +100,7 @@ def run_swap_process(addresses: dict) -> None:
         while setup is None:
             setup = commands.recv(timeout_s=IDLE_POLL_S)
             if setup is None and not _frontend_alive():
-                return
+                return _orphaned(run_dir)
             if isinstance(setup, Shutdown):
                 return
         assert isinstance(setup, OpenArenas), f"swap process got {type(setup).__name__} before OpenArenas"
@@ -102,8 +111,8 @@ def run_swap_process(addresses: dict) -> None:
             host = torch.empty((setup.num_host_blocks, *device_arena.shape[1:]), dtype=device_arena.dtype,
                                pin_memory=device_arena.is_cuda)
             managers.append(SwapManager(KVCopier(device_arena, host, setup.granularity), setup.threads))
-        _send(done_out, SwapReady(os.getpid(), setup.num_host_blocks))
-        _serve_swaps(commands, done_out, managers)
+        _send(done_out, SwapReady(os.getpid(), setup.num_host_blocks), run_dir)
+        _serve_swaps(commands, done_out, managers, run_dir)
     except Exception:  # noqa: BLE001
         done_out.send(ProcessFailed("swap process", traceback.format_exc()), timeout_s=IDLE_POLL_S)
         done_out.close()
@@ -113,7 +122,7 @@ def run_swap_process(addresses: dict) -> None:
         done_out.close()
 
 
-def _serve_swaps(commands: Puller, done_out: Pusher, managers: list) -> None:
+def _serve_swaps(commands: Puller, done_out: Pusher, managers: list, run_dir: str) -> None:
     pending: dict[int, list[SwapDone]] = {}  # swap id -> completions so far, one per rank
     while True:
         in_flight = any(m.num_in_flight for m in managers)
@@ -126,7 +135,7 @@ def _serve_swaps(commands: Puller, done_out: Pusher, managers: list) -> None:
                 for manager in managers:  # rule 7: every rank applies the same commands
                     manager.submit(command)
         elif msg is None and not in_flight and not _frontend_alive():
-            return
+            return _orphaned(run_dir)
         for manager in managers:
             for done in manager.poll():
                 pending[done.swap_id].append(done)
@@ -134,4 +143,4 @@ def _serve_swaps(commands: Puller, done_out: Pusher, managers: list) -> None:
             parts = pending.pop(swap_id)  # reported once every rank's copy has landed
             error = next((d.error for d in parts if d.error), None)
             _send(done_out, SwapDone(swap_id, sum(d.copies for d in parts), sum(d.bytes for d in parts),
-                                   max(d.seconds for d in parts), error))
+                                   max(d.seconds for d in parts), error), run_dir)

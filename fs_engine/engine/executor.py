@@ -24,6 +24,9 @@ class InProcessExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         return self.worker.execute(plan)
 
+    def check_health(self) -> None:
+        """Everything runs in this process: if it is alive, so is the engine."""
+
     def shutdown(self) -> None:
         if self.worker is not None:
             self.worker.shutdown()

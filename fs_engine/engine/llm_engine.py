@@ -228,6 +228,10 @@ class LLMEngine:
             "swap_wait_s": round(self._swap_wait_s, 6),
         }
 
+    def check_health(self) -> None:
+        """Raise ``EngineDeadError`` if a worker or the swap process has died (multi-process engines)."""
+        self.executor.check_health()
+
     def shutdown(self) -> None:
         self.executor.shutdown()
 

@@ -40,6 +40,7 @@ from ipc.messages import (
 )
 
 POLL_S = 0.5
+HEALTH_CHECK_S = 0.5  # a child that dies while nothing waits on it is still noticed this soon
 
 
 class MultiprocExecutor:
@@ -58,10 +59,11 @@ class MultiprocExecutor:
         self.workers = [spawn.Process(target=run_worker, name="fs-engine-worker-0", daemon=True,
                                       args=(config, arch, max_model_len, 0, str(self.run_dir), self.addresses))]
         self.swapper = spawn.Process(target=run_swap_process, name="fs-engine-swap", daemon=True,
-                                     args=(self.addresses,))
+                                     args=(str(self.run_dir), self.addresses))
         self._done: list[SwapDone] = []
         self._in_flight: set[int] = set()
         self._closed = False
+        self._last_health_check = 0.0
         try:
             for proc in (*self.workers, self.swapper):
                 proc.start()
@@ -85,9 +87,17 @@ class MultiprocExecutor:
 
     # ---- waiting on children -----------------------------------------------------------------------------
     def _check_children(self) -> None:
+        self._last_health_check = time.monotonic()
         for proc in (*self.workers, self.swapper):
             if not proc.is_alive():
                 raise EngineDeadError(f"the engine's {proc.name} process died (exit code {proc.exitcode})")
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError if a child process is gone. Cheap; rate-limited to one look per
+        HEALTH_CHECK_S, so it can be called every step (a dead swap process is otherwise only noticed when a
+        swap is waited on, and an idle engine would never notice)."""
+        if time.monotonic() - self._last_health_check >= HEALTH_CHECK_S:
+            self._check_children()
 
     def _recv(self, channel: Puller, what: str, timeout_s: float | None = None) -> Any:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -123,6 +133,7 @@ class MultiprocExecutor:
 
     # ---- one step ----------------------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepResult:
+        self.check_health()
         start = time.perf_counter()
         wait_s = 0.0
         for kind in ("out", "in"):  # waited swap-outs land before swap-ins may reuse their device blocks

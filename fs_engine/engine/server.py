@@ -4,14 +4,16 @@ Loop: drain client messages (without waiting while the engine has work) -> ``eng
 request's new tokens and text to its client. A client names its requests itself; ids are kept apart per
 client. Bad input gets an ``ErrorReply`` and the server keeps serving the others. A client that vanished is
 noticed on the next send to it (streamed tokens, or a ``KeepAlive`` every second) and its requests are
-aborted, so their KV is freed. If the engine dies (a worker or the swap process is gone), every pending
-request gets a fatal ``ErrorReply`` and ``serve`` returns a non-zero exit code.
+aborted, so their KV is freed. If the engine dies (a worker or the swap process is gone; checked every step
+and once a second when idle), every pending request gets a fatal ``ErrorReply`` and ``serve`` returns a
+non-zero exit code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import time
 from typing import Any
 
@@ -78,6 +80,7 @@ class FrontendServer:
                     self._deliver(self.engine.step())
                 self._keepalive()
         except EngineDeadError as e:
+            print(f"fs-engine: the engine died, shutting down: {e}", file=sys.stderr, flush=True)
             self._fail_all(f"the engine died: {e}")
             code = 1
         finally:
@@ -120,9 +123,11 @@ class FrontendServer:
                 return self._send(identity, ErrorReply(msg.request_id, str(e)))
             return self._send(identity, Ack(msg.request_id))
         if isinstance(msg, StatsRequest):
-            stats = dict(self.engine.stats())
-            pids = getattr(self.engine.executor, "child_pids", None)
-            stats["child_pids"] = pids() if pids else []
+            stats: dict[str, Any] = dict(self.engine.stats())
+            executor = self.engine.executor
+            if hasattr(executor, "child_pids"):  # for operators (and tests) watching the processes
+                stats.update(child_pids=executor.child_pids(), worker_pids=list(executor.worker_pids),
+                             swap_pid=executor.swap_pid)
             return self._send(identity, StatsReply(msg.request_id, stats))
         self._send(identity, ErrorReply("", f"unexpected message {type(msg).__name__} from a client"))
 
@@ -189,10 +194,13 @@ class FrontendServer:
                 self.engine.abort(key)
 
     def _keepalive(self) -> None:
+        """Once a second: make sure the engine's processes are alive (an idle server must notice a dead child
+        too) and tell each client with requests in flight that we are."""
         now = time.monotonic()
         if now - self._last_keepalive < KEEPALIVE_S:
             return
         self._last_keepalive = now
+        self.engine.check_health()
         for identity in {p.identity for p in self._pending.values()}:
             self._send(identity, KeepAlive())
 

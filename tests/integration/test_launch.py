@@ -1,0 +1,278 @@
+"""End to end through ``fs-engine launch``: a real frontend process with its worker and swap processes, reached
+only through the client SDK and raw sockets, as a user would."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from fs_engine import LLM, SamplingParams
+from fs_engine.client import Client
+from ipc.codec import decode, encode
+from ipc.errors import EngineDeadError, RemoteError
+from ipc.messages import ErrorReply, GenerateRequest, StatsRequest, StatsReply
+from tests.conftest import random_prompts
+
+ROOT = Path(__file__).resolve().parents[2]
+READY = re.compile(r"fs-engine ready at (tcp://\S+) .*frontend pid (\d+)")
+# tight memory and priority scheduling, so the served requests are preempted and swapped through the swap process
+ENGINE_FLAGS = {"block_size": 4, "num_gpu_blocks": 48, "policy": "priority", "preemption_cooldown_steps": 1}
+
+
+class Launched:
+    """One ``python -m fs_engine launch`` process; stderr goes to a file so a full pipe never blocks it."""
+
+    def __init__(self, model: str, log: Path, **flags: object) -> None:
+        argv = [sys.executable, "-m", "fs_engine", "launch", "--model", model, "--port", "0"]
+        for name, value in {**ENGINE_FLAGS, **flags}.items():
+            argv += ["--" + name.replace("_", "-"), str(value)]
+        self.log = log
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        line = self._ready_line(timeout_s=180)
+        match = READY.search(line)
+        assert match, f"unexpected ready line {line!r}"
+        self.address = match.group(1)
+        assert int(match.group(2)) == self.proc.pid
+
+    def _ready_line(self, timeout_s: float) -> str:
+        selector = selectors.DefaultSelector()
+        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout_s):
+            self.proc.kill()
+            pytest.fail(f"no ready line within {timeout_s} s; stderr:\n{self.log.read_text()[-3000:]}")
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            pytest.fail(f"launch exited with {self.proc.returncode}; stderr:\n{self.log.read_text()[-3000:]}")
+        return line
+
+    def stats(self) -> dict:
+        with Client(self.address, timeout_s=30) as client:
+            return client.stats()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) is dead for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def run_dirs() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("fs-engine-*")} if shm.is_dir() else set()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dirs):
+    return tiny_model_dirs["qwen2"]  # has a tokenizer, so text streams too
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    launched = Launched(model, tmp_path_factory.mktemp("launch") / "stderr.log")
+    yield launched
+    launched.stop(signal.SIGKILL)
+
+
+# ---- tokens ----------------------------------------------------------------------------------------------
+def test_concurrent_streams_from_several_clients_match_in_process(server, model):
+    prompts = random_prompts(1000, [5, 41, 17, 63, 9, 28, 52, 3, 36, 12, 47, 21, 8, 58, 30, 14], seed=8)
+    params = [SamplingParams(max_tokens=12 + 3 * (i % 5), temperature=0, ignore_eos=True) for i in range(16)]
+    expected = [o.token_ids for o in LLM(model, **ENGINE_FLAGS).generate(prompts, params)]
+    before = server.stats()
+
+    got: dict[int, list[int]] = {}
+    failures: list[BaseException] = []
+
+    def one_client(indices: list[int]) -> None:
+        try:
+            with Client(server.address, timeout_s=60) as client:
+                streams = {i: client.generate(prompts[i], max_tokens=params[i].max_tokens, temperature=0,
+                                              ignore_eos=True, priority=i % 3) for i in indices}
+                tokens = {i: [] for i in indices}
+                active = dict(streams)
+                while active:  # interleave the streams of one client, a token event at a time
+                    for i, stream in list(active.items()):
+                        event = next(stream, None)
+                        if event is None:
+                            del active[i]
+                        else:
+                            tokens[i] += event.token_ids
+                got.update(tokens)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=one_client, args=(list(range(c, 16, 4)),)) for c in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures
+    assert [got[i] for i in range(16)] == expected
+    # copies still in flight when the last token went out land within a few steps; then every block is free
+    wait_until(lambda: server.stats()["num_swaps_in_flight"] == 0, 10, "in-flight swaps to land")
+    after = server.stats()
+    assert after["num_finished_requests"] - before["num_finished_requests"] == 16
+    assert after["num_free_gpu_blocks"] == after["num_gpu_blocks"]
+    assert after["num_swap_outs"] > before["num_swap_outs"], "the workload was meant to preempt and swap"
+
+
+def test_text_stream_and_completion_agree(server):
+    with Client(server.address) as client:
+        streamed = list(client.generate("Tell me about block groups.", max_tokens=20, temperature=0))
+        done = client.complete("Tell me about block groups.", max_tokens=20, temperature=0)
+    assert streamed[-1].finished and streamed[-1].finish_reason == done.finish_reason
+    assert [t for e in streamed for t in e.token_ids] == done.token_ids
+    assert "".join(e.text for e in streamed) == done.text
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+def raw_request(address: str, payload: bytes, timeout_s: float = 10) -> object:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send(payload)
+        assert sock.poll(int(timeout_s * 1000)), "the frontend did not answer"
+        return decode(sock.recv())
+    finally:
+        sock.close()
+
+
+def test_garbage_and_bad_parameters_get_error_replies_and_the_engine_keeps_serving(server):
+    for payload in (b"\x00garbage\xff", encode(StatsRequest("s"))[:-3], b""):
+        reply = raw_request(server.address, payload)
+        assert isinstance(reply, ErrorReply) and not reply.fatal, reply
+        assert "malformed" in reply.message
+    bad = GenerateRequest("bad", None, prompt_token_ids=[1, 2, 3], params={"max_tokens": 0})
+    reply = raw_request(server.address, encode(bad))
+    assert isinstance(reply, ErrorReply) and "max_tokens" in reply.message
+    unknown = GenerateRequest("bad2", None, prompt_token_ids=[1, 2, 3], params={"max_tokens": 4, "tempurature": 1.0})
+    reply = raw_request(server.address, encode(unknown))
+    assert isinstance(reply, ErrorReply) and "tempurature" in reply.message
+    assert isinstance(raw_request(server.address, encode(StatsReply("x", {}))), ErrorReply)  # not a client message
+    with Client(server.address) as client:
+        with pytest.raises(RemoteError, match="shorten the prompt"):
+            client.complete(list(range(3, 100)) * 100, max_tokens=4)
+        with pytest.raises(RemoteError, match="unknown request id"):
+            client.abort("never-sent")
+        result = client.complete([5, 6, 7], max_tokens=6, temperature=0, ignore_eos=True)
+    assert len(result.token_ids) == 6 and result.finish_reason == "length"
+    assert server.proc.poll() is None
+
+
+def test_a_client_that_disconnects_mid_stream_has_its_requests_aborted(server):
+    aborted_before = server.stats()["num_aborted_requests"]
+    client = Client(server.address)
+    # together they need ~3x the 48 blocks: they run by turns, for far longer than a disconnect takes to notice
+    streams = [client.generate(p, max_tokens=150, temperature=0, ignore_eos=True)
+               for p in random_prompts(1000, [10, 20, 30], seed=3)]
+    next(streams[0])  # running
+    client.close()  # gone without aborting anything
+
+    def drained() -> bool:
+        stats = server.stats()
+        return stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"] and stats["num_running"] == 0
+
+    wait_until(drained, 15, "the disconnected client's requests to be aborted")
+    stats = server.stats()
+    assert stats["num_waiting"] + stats["num_swapped"] + stats["num_swaps_in_flight"] == 0
+    assert stats["num_aborted_requests"] - aborted_before == 3
+
+
+# ---- lifecycle -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("victim", ["worker", "swap"])
+def test_killing_a_child_fails_every_pending_call_and_leaves_nothing_behind(model, tmp_path, victim):
+    shm_before = run_dirs()
+    launched = Launched(model, tmp_path / "stderr.log", num_gpu_blocks=1024)
+    try:
+        stats = launched.stats()
+        children = stats["child_pids"]
+        target = stats["worker_pids"][0] if victim == "worker" else stats["swap_pid"]
+        clients = [Client(launched.address, timeout_s=30) for _ in range(2)]
+        streams = [c.generate(p, max_tokens=500, temperature=0, ignore_eos=True, priority=i % 3)
+                   for i, (c, p) in enumerate(zip(clients * 3, random_prompts(1000, [10, 30, 50, 20, 40, 60], seed=6)))]
+        for s in streams:
+            next(s)  # every request is admitted and streaming
+        os.kill(target, signal.SIGKILL)
+        start = time.monotonic()
+        for s in streams:
+            with pytest.raises(EngineDeadError, match="died|failed|gone"):
+                for _ in s:
+                    pass
+        assert time.monotonic() - start < 10, "pending calls took too long to fail"
+        code = launched.proc.wait(15)
+        assert code != 0
+        wait_until(lambda: not any(alive(pid) for pid in children), 10, "every child process to exit")
+        assert run_dirs() <= shm_before, "the engine left its run directory in /dev/shm"
+        for c in clients:
+            c.close()
+    finally:
+        launched.stop(signal.SIGKILL)
+
+
+def test_sigterm_shuts_down_cleanly_and_a_killed_frontend_leaves_no_orphans(model, tmp_path):
+    shm_before = run_dirs()
+    launched = Launched(model, tmp_path / "a.log", num_gpu_blocks=1024)
+    children = launched.stats()["child_pids"]
+    with Client(launched.address) as client:
+        stream = client.generate([4, 5, 6], max_tokens=500, temperature=0, ignore_eos=True)
+        next(stream)
+        assert launched.stop(signal.SIGTERM) == 0
+        with pytest.raises((EngineDeadError, RemoteError)):  # the pending call is told, not left hanging
+            for _ in stream:
+                pass
+    assert not any(alive(pid) for pid in children)
+    assert run_dirs() <= shm_before
+
+    launched = Launched(model, tmp_path / "b.log")  # SIGKILL: no chance to clean up, the children must
+    children = launched.stats()["child_pids"]
+    launched.stop(signal.SIGKILL)
+    wait_until(lambda: not any(alive(pid) for pid in children), 10, "orphaned children to exit")
+    wait_until(lambda: run_dirs() <= shm_before, 5, "the orphaned run directory to be removed")
+
+
+def test_an_idle_server_notices_a_dead_child_and_exits_non_zero(model, tmp_path):
+    launched = Launched(model, tmp_path / "stderr.log")
+    try:
+        stats = launched.stats()
+        os.kill(stats["swap_pid"], signal.SIGKILL)  # no request in flight: nothing waits on the swap process
+        assert launched.proc.wait(10) != 0
+        assert "swap" in launched.log.read_text()
+        wait_until(lambda: not any(alive(pid) for pid in stats["child_pids"]), 10, "every child process to exit")
+    finally:
+        launched.stop(signal.SIGKILL)
