@@ -62,3 +62,17 @@ def test_bench_swap_overlap_and_multiturn_scenarios(tmp_path, monkeypatch, capsy
     assert on["tokens_computed"] < off["tokens_computed"]
     assert off["preemptions"] > 0  # (bytes saved are asserted at a meaningful size in test_swap_reuse.py)
     assert "reuse cuts swapped-out bytes" in capsys.readouterr().out
+
+
+def test_bench_multiprocess_reports_overhead_and_identical_tokens(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "mp.json"
+    run_tool("bench_multiprocess.py", ["--preset", "test", "--batches", "1,3", "--prompt-len", "8", "--max-tokens", "5",
+                                       "--repeats", "1", "--served", "--json", str(out)], monkeypatch)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for row in rows:
+        assert row["identical_outputs"] is True
+        assert row["in-process"]["steps"] == row["multi-process"]["steps"] >= 5  # the same schedule
+        assert row["served"]["steps"] >= row["in-process"]["steps"]  # requests may arrive a step apart
+        assert row["tokens_per_s_ratio"] > 0 and row["served_tokens_per_s_ratio"] > 0
+    assert "overhead" in capsys.readouterr().out
