@@ -123,10 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--port", type=int, default=5555, help="port to listen on (0: any free port)")
     add_engine_args(launch)
     launch.set_defaults(func=cmd_launch)
+
+    # listed for --help; main() hands everything after "bench" to fs_engine.bench.cli
+    sub.add_parser("bench", add_help=False, help="serving benchmark: generate, run, ablate (fs-engine bench --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from fs_engine.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,1 @@
+"""Serving benchmark: workloads, driver, metrics, ablation."""

@@ -1,0 +1,188 @@
+"""``fs-engine bench``: make a trace, replay it, run the ablation.
+
+    fs-engine bench generate --out trace.json [workload flags]
+    fs-engine bench run   [--trace F | workload flags] [--address tcp://...] [--model DIR engine flags] [--out DIR]
+    fs-engine bench ablate [--trace F | workload flags] [--model DIR engine flags] [--configs ...] --out DIR
+
+Workload flags are the ``WorkloadConfig`` fields (``--num-conversations``, ``--request-rate``, ``--scale``,
+...); engine flags are the engine arguments, as for ``fs-engine launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from fs_engine.bench.workload import Trace, WorkloadConfig, generate, load_sharegpt
+
+
+# workload fields whose flag would collide with an engine argument's
+_RENAMED = {"seed": "trace_seed"}
+
+
+def _add_workload_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("workload (ignored with --trace)")
+    group.add_argument("--trace", help="replay this saved trace instead of generating one")
+    group.add_argument("--sharegpt", help="build the trace from this ShareGPT-format JSON file")
+    for f in dataclasses.fields(WorkloadConfig):
+        dest = _RENAMED.get(f.name, f.name)
+        group.add_argument("--" + dest.replace("_", "-"), dest=dest, type=type(f.default), default=argparse.SUPPRESS,
+                           help=f"(default: {f.default})")
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    from fs_engine.cli import add_engine_args
+
+    parser.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    add_engine_args(parser)
+
+
+def _add_slo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slo-ttft", type=float, help="TTFT target in seconds, for SLO attainment")
+    parser.add_argument("--slo-tbt", type=float, help="time-between-tokens target in seconds, for SLO attainment")
+
+
+def _trace(args: argparse.Namespace) -> Trace:
+    if args.trace:
+        return Trace.load(args.trace)
+    given = vars(args)
+    config = WorkloadConfig(**{f.name: given[_RENAMED.get(f.name, f.name)] for f in dataclasses.fields(WorkloadConfig)
+                               if _RENAMED.get(f.name, f.name) in given})
+    if args.sharegpt:
+        tokenizer = None
+        if getattr(args, "model", None) is not None or getattr(args, "address", None) is None:
+            from fs_engine.tiny_model import default_model_path
+            from fs_engine.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(args.model or str(default_model_path()))
+        return load_sharegpt(args.sharegpt, tokenizer, config)
+    return generate(config)
+
+
+def _slo(args: argparse.Namespace):
+    from fs_engine.bench.metrics import SLO
+
+    if args.slo_ttft is None and args.slo_tbt is None:
+        return None
+    return SLO(ttft_s=args.slo_ttft if args.slo_ttft is not None else math.inf,
+               tbt_s=args.slo_tbt if args.slo_tbt is not None else math.inf)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from fs_engine.cli import engine_kwargs
+
+    return engine_kwargs(args)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    trace = _trace(args)
+    trace.save(args.out)
+    print(f"wrote {args.out}: {len(trace.conversations)} conversations, {trace.num_requests} requests")
+    print(json.dumps(trace.summary(), indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fs_engine.bench.driver import run_against_server, run_in_process
+    from fs_engine.bench.metrics import summarize
+    from fs_engine.bench.report import write_report
+
+    trace = _trace(args)
+    if args.address:
+        result = run_against_server(args.address, trace, progress=args.progress)
+    else:
+        from fs_engine.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine(args.model, **_engine_kwargs(args))
+        try:
+            result = run_in_process(engine, trace, progress=args.progress)
+        finally:
+            engine.shutdown()
+    summary = summarize(result.records, result.duration_s, trace.tenant_weights, _slo(args),
+                        engine_stats=result.engine_stats)
+    _print_summary(summary, result.rejected)
+    if args.out:
+        files = write_report(Path(args.out), {"run": summary}, {"run": result.records}, trace.tenant_weights,
+                             baseline="run")
+        print("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from fs_engine.bench.ablation import resolve_configs, run_ablation
+
+    configs = resolve_configs(args.configs)
+    trace = _trace(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trace.save(out / "trace.json")
+    print(f"ablation: {len(trace.conversations)} conversations, {trace.num_requests} requests, "
+          f"{len(configs)} configs -> {out}")
+    result = run_ablation(args.model, trace, out, _engine_kwargs(args), configs, _slo(args), args.progress)
+    print((out / "table.md").read_text())
+    same = [name for name, ok in result["identical_replies"].items() if ok]
+    print(f"greedy replies identical to the baseline's: {len(same)}/{len(configs)} configs")
+    for name, rejected in result["rejected"].items():
+        if rejected:
+            print(f"{name}: {len(rejected)} turns rejected, e.g. {rejected[0]}")
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], rejected: list[str]) -> None:
+    def ms(d: dict) -> str:
+        return " ".join(f"{k} " + ("n/a" if v is None else f"{1000 * v:.1f}ms") for k, v in d.items()
+                        if k.startswith("p"))
+
+    print(f"{summary['num_requests']} requests in {summary['duration_s']:.1f} s: "
+          f"{summary['throughput_tokens_per_s']:.1f} tokens/s, {summary['throughput_requests_per_s']:.2f} requests/s")
+    print(f"  TTFT {ms(summary['ttft_s'])}\n  TBT  {ms(summary['tbt_s'])}\n  E2E  {ms(summary['e2e_s'])}")
+    print(f"  Jain index over tenants {summary['jain_index']:.3f}")
+    if summary.get("slo", {}).get("attainment") is not None:
+        print(f"  SLO attainment {summary['slo']['attainment']:.1%}")
+    if rejected:
+        print(f"  {len(rejected)} turns rejected, e.g. {rejected[0]}")
+
+
+def build_parser(prog: str = "fs-engine bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="write a seeded trace file", allow_abbrev=False)
+    gen.add_argument("--out", required=True)
+    _add_workload_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    run = sub.add_parser("run", help="replay a trace on one engine and print the metrics", allow_abbrev=False)
+    run.add_argument("--address", help="replay through the client SDK against fs-engine launch at this address")
+    run.add_argument("--out", help="write results.json, table.md and plots here")
+    for p in (run,):
+        _add_workload_args(p)
+        _add_engine_args(p)
+        _add_slo_args(p)
+    run.set_defaults(func=cmd_run)
+
+    ablate = sub.add_parser("ablate", help="the FastSwitch ablation on one trace", allow_abbrev=False)
+    ablate.add_argument("--out", required=True, help="directory for trace.json, results.json, table.md, plots")
+    ablate.add_argument("--configs", help="comma-separated subset of baseline,groups,async,reuse,recompute")
+    _add_workload_args(ablate)
+    _add_engine_args(ablate)
+    _add_slo_args(ablate)
+    ablate.set_defaults(func=cmd_ablate)
+    for p in (run, ablate):
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar on stderr (default: when it is a terminal)")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "fs-engine bench") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
