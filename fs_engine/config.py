@@ -47,6 +47,9 @@ def _check_types(cfg: Any) -> None:
             _check(isinstance(value, str), f.name, value, "must be a string")
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = _help("Hugging Face checkpoint directory (config.json + safetensors)", default="")
@@ -54,10 +57,13 @@ class ModelConfig:
     dtype: str = _help("weights and KV dtype; auto = float32 on CPU, bfloat16 on GPU", default="auto")
     max_model_len: int | None = _help("longest prompt + output in tokens (default: the model's)", default=None)
     seed: int = _help("seed of the engine's sampler for requests without their own seed", default=0)
+    load_format: str = _help("auto: read the safetensors weights; dummy: seeded random weights from config.json "
+                             "alone (benchmarks of big shapes without a checkpoint)", default="auto")
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {DTYPES}")
+        _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"choose one of {LOAD_FORMATS}")
         _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", self.max_model_len,
                "must be >= 1")
 

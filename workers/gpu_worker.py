@@ -62,6 +62,7 @@ class Worker:
             block_size=config.cache.block_size,
             attention_backend=config.device.attention_backend,
             seed=config.model.seed,
+            load_format=config.model.load_format,
             tp=tp,
         )
         self.layout: KVLayout = self.runner.kv_layout(self.dtype_name)

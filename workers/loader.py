@@ -40,8 +40,12 @@ def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+DUMMY_STD = 0.02  # the usual initializer_range of real checkpoints: activations stay finite at any depth
+
+
 def load_model(
-    model_dir: str | Path, arch: ModelArch, dtype: torch.dtype, device: torch.device, tp: TPContext = SINGLE
+    model_dir: str | Path, arch: ModelArch, dtype: torch.dtype, device: torch.device, tp: TPContext = SINGLE,
+    load_format: str = "auto", seed: int = 0,
 ) -> nn.Module:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -50,5 +54,23 @@ def load_model(
             model = build_model(arch, tp)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(iter_weights(model_dir))
+    if load_format == "dummy":
+        init_dummy_weights(model, seed + tp.rank)
+    else:
+        model.load_weights(iter_weights(model_dir))
     return model.eval()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Seeded random weights in place, on the parameters' own device (no host round trip for a big model):
+    matrices ~ N(0, DUMMY_STD), norm weights 1, biases 0. Speed and memory are those of the real model;
+    the tokens are meaningless."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            param.normal_(0.0, DUMMY_STD, generator=generator)
+        elif "norm" in name:
+            param.fill_(1.0)
+        else:
+            param.zero_()

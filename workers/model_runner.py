@@ -35,13 +35,14 @@ class ModelRunner:
         attention_backend: str,
         seed: int,
         tp: TPContext = SINGLE,
+        load_format: str = "auto",
     ) -> None:
         self.arch = arch
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
         self.tp = tp
-        self.model = load_model(model_dir, arch, dtype, device, tp)
+        self.model = load_model(model_dir, arch, dtype, device, tp, load_format=load_format, seed=seed)
         self.sampler = Sampler(seed, device)
         self.backend_cls = get_backend(attention_backend, device)
         self.attn = None  # bound to the arena by init_kv_cache

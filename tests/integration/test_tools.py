@@ -76,3 +76,14 @@ def test_bench_multiprocess_reports_overhead_and_identical_tokens(tmp_path, monk
         assert row["served"]["steps"] >= row["in-process"]["steps"]  # requests may arrive a step apart
         assert row["tokens_per_s_ratio"] > 0 and row["served_tokens_per_s_ratio"] > 0
     assert "overhead" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", ["llama3-8b", "qwen2.5-32b"])
+def test_shape_configs_describe_the_real_models(tmp_path, monkeypatch, shape):
+    from fs_engine.model_config import load_model_arch
+
+    run_tool("make_shapes_config.py", ["--shape", shape, "--out", str(tmp_path)], monkeypatch)
+    arch = load_model_arch(tmp_path)
+    kv_bytes_per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 2  # K and V, bfloat16
+    expected = {"llama3-8b": 131072, "qwen2.5-32b": 262144}[shape]  # 128 KiB and 256 KiB per token
+    assert kv_bytes_per_token == expected
