@@ -284,7 +284,7 @@ def test_chain_hashes_cover_the_session_and_every_earlier_block():
 def test_eviction_is_least_recently_used_first_and_never_takes_pinned_entries():
     store = CpuKVStore(8, BS, enable_reuse=True)
     p0 = store_prefix(store, "a", seq(100, 8))
-    p1 = store_prefix(store, "b", seq(200, 8))
+    store_prefix(store, "b", seq(200, 8))
     swap_out(store, "swapped", 8)  # pinned: a swapped request's only copy (oldest of all)
     store.prepare_swap_out("cached", 8)
     store.complete_swap_out("cached", 8)

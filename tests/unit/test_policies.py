@@ -112,7 +112,7 @@ def test_vtc_returning_tenant_is_lifted_to_the_least_served_active_tenant():
     old = req("old", 0, tenant="a")
     policy.on_arrival(old, [])
     policy.on_served(old, 10, 0)  # a: 10, then a goes idle
-    b, c, d = req("b", 1, tenant="b"), req("c", 2, tenant="c"), req("d", 3, tenant="d")
+    b, c = req("b", 1, tenant="b"), req("c", 2, tenant="c")
     policy.on_arrival(b, [])
     policy.counters["b"] = 50.0
     policy.counters["c"] = 30.0
