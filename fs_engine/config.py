@@ -27,12 +27,12 @@ def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+def check_value(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
 
 
-def _check_types(cfg: Any) -> None:
+def check_types(cfg: Any) -> None:
     """Reject values of the wrong type (a float block size, a string count) before any range check."""
     for f in dataclasses.fields(cfg):
         value, annotation = getattr(cfg, f.name), str(f.type)
@@ -40,11 +40,11 @@ def _check_types(cfg: Any) -> None:
             continue
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if annotation.startswith("int"):
-            _check(is_number and isinstance(value, int), f.name, value, "must be an integer")
+            check_value(is_number and isinstance(value, int), f.name, value, "must be an integer")
         elif annotation.startswith("float"):
-            _check(is_number, f.name, value, "must be a number")
+            check_value(is_number, f.name, value, "must be a number")
         elif annotation.startswith("str"):
-            _check(isinstance(value, str), f.name, value, "must be a string")
+            check_value(isinstance(value, str), f.name, value, "must be a string")
 
 
 LOAD_FORMATS = ("auto", "dummy")
@@ -61,10 +61,10 @@ class ModelConfig:
                              "alone (benchmarks of big shapes without a checkpoint)", default="auto")
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _check(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {DTYPES}")
-        _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"choose one of {LOAD_FORMATS}")
-        _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", self.max_model_len,
+        check_types(self)
+        check_value(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {DTYPES}")
+        check_value(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"choose one of {LOAD_FORMATS}")
+        check_value(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", self.max_model_len,
                "must be >= 1")
 
 
@@ -83,19 +83,19 @@ class CacheConfig:
     cpu_kv_gb: float = _help("host memory for swapped-out KV in GiB", default=4.0)
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _check(self.block_allocator in BLOCK_ALLOCATORS, "block_allocator", self.block_allocator,
+        check_types(self)
+        check_value(self.block_allocator in BLOCK_ALLOCATORS, "block_allocator", self.block_allocator,
                f"choose one of {BLOCK_ALLOCATORS}")
-        _check(self.num_cpu_blocks is None or self.num_cpu_blocks >= 0, "num_cpu_blocks", self.num_cpu_blocks,
+        check_value(self.num_cpu_blocks is None or self.num_cpu_blocks >= 0, "num_cpu_blocks", self.num_cpu_blocks,
                "must be >= 0 (0 = no swap space: preemption recomputes)")
-        _check(self.cpu_kv_gb >= 0, "cpu_kv_gb", self.cpu_kv_gb, "must be >= 0")
-        _check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
+        check_value(self.cpu_kv_gb >= 0, "cpu_kv_gb", self.cpu_kv_gb, "must be >= 0")
+        check_value(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
                self.block_size, "must be a power of two >= 1")
-        _check(self.num_gpu_blocks is None or self.num_gpu_blocks >= 1, "num_gpu_blocks", self.num_gpu_blocks,
+        check_value(self.num_gpu_blocks is None or self.num_gpu_blocks >= 1, "num_gpu_blocks", self.num_gpu_blocks,
                "must be >= 1")
-        _check(self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0, "kv_cache_memory_gb",
+        check_value(self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0, "kv_cache_memory_gb",
                self.kv_cache_memory_gb, "must be > 0")
-        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", self.gpu_memory_utilization,
+        check_value(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", self.gpu_memory_utilization,
                "must be in (0, 1]")
 
 
@@ -107,15 +107,15 @@ def _parse_weights(value: Any) -> tuple[tuple[str, float], ...]:
         pairs = []
         for item in value.split(","):
             name, sep, weight = item.partition("=")
-            _check(bool(sep and name.strip()), "tenant_weights", value, "write it as 'tenant=weight,...'")
+            check_value(bool(sep and name.strip()), "tenant_weights", value, "write it as 'tenant=weight,...'")
             try:
                 pairs.append((name.strip(), float(weight)))
             except ValueError:
-                _check(False, "tenant_weights", value, f"weight {weight!r} of {name!r} is not a number")
+                check_value(False, "tenant_weights", value, f"weight {weight!r} of {name!r} is not a number")
     else:
         pairs = list(value.items()) if isinstance(value, dict) else [tuple(p) for p in value]
     for name, weight in pairs:
-        _check(isinstance(weight, (int, float)) and weight > 0, "tenant_weights", value,
+        check_value(isinstance(weight, (int, float)) and weight > 0, "tenant_weights", value,
                f"the weight of {name!r} must be a number > 0")
     return tuple(sorted((str(n), float(w)) for n, w in pairs))
 
@@ -133,12 +133,12 @@ class SwapConfig:
                                   "tail) and after finish (the next turn swaps its prefix in)", default=True)
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _check(self.swap_mode in SWAP_MODES, "swap_mode", self.swap_mode, f"choose one of {SWAP_MODES}")
-        _check(self.swap_threads >= 2, "swap_threads", self.swap_threads, "must be >= 2 (one per direction)")
-        _check(self.adaptive_min_batch >= 1, "adaptive_min_batch", self.adaptive_min_batch, "must be >= 1")
-        _check(isinstance(self.enable_kv_reuse, bool), "enable_kv_reuse", self.enable_kv_reuse, "must be True or False")
-        _check(self.copy_granularity in COPY_GRANULARITIES, "copy_granularity", self.copy_granularity,
+        check_types(self)
+        check_value(self.swap_mode in SWAP_MODES, "swap_mode", self.swap_mode, f"choose one of {SWAP_MODES}")
+        check_value(self.swap_threads >= 2, "swap_threads", self.swap_threads, "must be >= 2 (one per direction)")
+        check_value(self.adaptive_min_batch >= 1, "adaptive_min_batch", self.adaptive_min_batch, "must be >= 1")
+        check_value(isinstance(self.enable_kv_reuse, bool), "enable_kv_reuse", self.enable_kv_reuse, "must be True or False")
+        check_value(self.copy_granularity in COPY_GRANULARITIES, "copy_granularity", self.copy_granularity,
                f"choose one of {COPY_GRANULARITIES}")
 
 
@@ -157,15 +157,15 @@ class SchedulerConfig:
         "(anti-thrashing; memory growth may still preempt it)", default=4)
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _check(self.policy in POLICIES, "policy", self.policy, f"choose one of {POLICIES}")
-        _check(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", self.preemption_mode,
+        check_types(self)
+        check_value(self.policy in POLICIES, "policy", self.policy, f"choose one of {POLICIES}")
+        check_value(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", self.preemption_mode,
                f"choose one of {PREEMPTION_MODES}")
-        _check(self.preemption_cooldown_steps >= 0, "preemption_cooldown_steps", self.preemption_cooldown_steps,
+        check_value(self.preemption_cooldown_steps >= 0, "preemption_cooldown_steps", self.preemption_cooldown_steps,
                "must be >= 0")
         object.__setattr__(self, "tenant_weights", _parse_weights(self.tenant_weights))
-        _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
-        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens,
+        check_value(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
+        check_value(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens,
                "must be >= 1")
 
 
@@ -175,9 +175,9 @@ class DeviceConfig:
     attention_backend: str = _help("attention implementation: auto or torch", default="auto")
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _check(self.device in DEVICES, "device", self.device, f"choose one of {DEVICES}")
-        _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
+        check_types(self)
+        check_value(self.device in DEVICES, "device", self.device, f"choose one of {DEVICES}")
+        check_value(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
                f"choose one of {ATTENTION_BACKENDS}")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fs_engine.bench.workload import Trace, WorkloadConfig, generate, load_sharegpt
+from fs_engine.cli import add_engine_args, engine_kwargs
 
 
 # workload fields whose flag would collide with an engine argument's
@@ -36,8 +37,6 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    from fs_engine.cli import add_engine_args
-
     parser.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
     add_engine_args(parser)
 
@@ -54,12 +53,11 @@ def _trace(args: argparse.Namespace) -> Trace:
     config = WorkloadConfig(**{f.name: given[_RENAMED.get(f.name, f.name)] for f in dataclasses.fields(WorkloadConfig)
                                if _RENAMED.get(f.name, f.name) in given})
     if args.sharegpt:
-        tokenizer = None
-        if getattr(args, "model", None) is not None or getattr(args, "address", None) is None:
-            from fs_engine.tiny_model import default_model_path
-            from fs_engine.tokenizer import load_tokenizer
+        from fs_engine.tiny_model import default_model_path
+        from fs_engine.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(args.model or str(default_model_path()))
+        # the ids must be the served model's: its tokenizer (the embedded model's when none is named)
+        tokenizer = load_tokenizer(getattr(args, "model", None) or str(default_model_path()))
         return load_sharegpt(args.sharegpt, tokenizer, config)
     return generate(config)
 
@@ -71,12 +69,6 @@ def _slo(args: argparse.Namespace):
         return None
     return SLO(ttft_s=args.slo_ttft if args.slo_ttft is not None else math.inf,
                tbt_s=args.slo_tbt if args.slo_tbt is not None else math.inf)
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from fs_engine.cli import engine_kwargs
-
-    return engine_kwargs(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -98,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         from fs_engine.engine.llm_engine import LLMEngine
 
-        engine = LLMEngine(args.model, **_engine_kwargs(args))
+        engine = LLMEngine(args.model, **engine_kwargs(args))
         try:
             result = run_in_process(engine, trace, progress=args.progress)
         finally:
@@ -123,7 +115,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     trace.save(out / "trace.json")
     print(f"ablation: {len(trace.conversations)} conversations, {trace.num_requests} requests, "
           f"{len(configs)} configs -> {out}")
-    result = run_ablation(args.model, trace, out, _engine_kwargs(args), configs, _slo(args), args.progress)
+    result = run_ablation(args.model, trace, out, engine_kwargs(args), configs, _slo(args), args.progress)
     print((out / "table.md").read_text())
     same = [name for name, ok in result["identical_replies"].items() if ok]
     print(f"greedy replies identical to the baseline's: {len(same)}/{len(configs)} configs")
@@ -160,10 +152,9 @@ def build_parser(prog: str = "fs-engine bench") -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="replay a trace on one engine and print the metrics", allow_abbrev=False)
     run.add_argument("--address", help="replay through the client SDK against fs-engine launch at this address")
     run.add_argument("--out", help="write results.json, table.md and plots here")
-    for p in (run,):
-        _add_workload_args(p)
-        _add_engine_args(p)
-        _add_slo_args(p)
+    _add_workload_args(run)
+    _add_engine_args(run)
+    _add_slo_args(run)
     run.set_defaults(func=cmd_run)
 
     ablate = sub.add_parser("ablate", help="the FastSwitch ablation on one trace", allow_abbrev=False)

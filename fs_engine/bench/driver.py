@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,8 +117,8 @@ def run_in_process(engine: Any, trace: Trace, progress: bool | None = None, labe
         for state in states:
             if not state.done and state.ready_at <= now and state.request_id() not in live:
                 _submit(engine, trace, state, now, live, rejected)
-        last_tick = _apply_priorities(trace, now, last_tick, live,
-                                      lambda rid, p: engine.update_priority(rid, p))
+        last_tick = _apply_priorities(trace, now, last_tick, ((rid, v[0]) for rid, v in live.items()),
+                                      engine.update_priority)
         if engine.has_unfinished_requests():
             outputs = engine.step()
             t = clock()
@@ -166,13 +167,15 @@ def _submit(engine: Any, trace: Trace, state: _ConversationState, now: float, li
     live[request_id] = (state, _record(state, request_id, now, prompt), prompt, [])
 
 
-def _apply_priorities(trace: Trace, now: float, last_tick: int, live: dict, update) -> int:
+def _apply_priorities(trace: Trace, now: float, last_tick: int, live: Iterable[tuple[str, _ConversationState]],
+                      update: Callable[[str, int], Any]) -> int:
+    """At a new priority tick, ``update`` every request in flight whose conversation's level changed."""
     if trace.priority_interval_s <= 0:
         return last_tick
     tick = int(now // trace.priority_interval_s)
     if tick == last_tick:
         return tick
-    for request_id, (state, *_) in list(live.items()):
+    for request_id, state in live:
         old = trace.priority_at(state.conv, last_tick * trace.priority_interval_s)
         new = trace.priority_at(state.conv, now)
         if new != old:
@@ -194,7 +197,7 @@ async def _replay(address: str, trace: Trace, bar: Progress, timeout_s: float) -
     records: list[RequestRecord] = []
     rejected: list[str] = []
     replies: dict[str, list[int]] = {}
-    live: dict[str, tuple[_ConversationState]] = {}
+    live: dict[str, _ConversationState] = {}
     start = time.perf_counter()
     clock = lambda: time.perf_counter() - start  # noqa: E731
 
@@ -208,7 +211,7 @@ async def _replay(address: str, trace: Trace, bar: Progress, timeout_s: float) -
                 request_id, prompt, now = state.request_id(), state.prompt(), clock()
                 record = _record(state, request_id, now, prompt)
                 reply: list[int] = []
-                live[request_id] = (state,)
+                live[request_id] = state
                 try:
                     async for event in client.generate(prompt, max_tokens=turn.reply_tokens, temperature=0,
                                                        ignore_eos=True, priority=trace.priority_at(conv, now),
@@ -235,7 +238,8 @@ async def _replay(address: str, trace: Trace, bar: Progress, timeout_s: float) -
             while True:
                 await asyncio.sleep(min(0.05, trace.priority_interval_s or 0.05))
                 updates: list[tuple[str, int]] = []
-                last_tick = _apply_priorities(trace, clock(), last_tick, live, lambda r, p: updates.append((r, p)))
+                last_tick = _apply_priorities(trace, clock(), last_tick, list(live.items()),
+                                              lambda r, p: updates.append((r, p)))
                 for request_id, priority in updates:
                     try:
                         await client.update_priority(request_id, priority)

@@ -35,6 +35,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fs_engine.config import check_types, check_value
+
 MAX_ROUNDS = 64
 ROUNDS_LN = (math.log(3.0), 1.3)
 USER_FIRST_LN = (3.61, 1.52)
@@ -138,11 +140,6 @@ def _conversation_from_dict(data: dict[str, Any]) -> Conversation:
     return conv
 
 
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"WorkloadConfig.{name}={value!r} is invalid: {allowed}")
-
-
 def parse_tenants(text: str) -> dict[str, float]:
     """Parse ``"a=3,b=1"`` into tenant weights; every weight must be a positive number."""
     weights: dict[str, float] = {}
@@ -185,36 +182,23 @@ class WorkloadConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         for name in ("num_conversations", "max_reply_tokens", "priority_levels"):
-            _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+            check_value(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         for name in ("priority_ticks", "first_token_id", "seed"):
-            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+            check_value(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         for name in ("burstiness", "reading_tokens_per_s", "typing_tokens_per_s", "scale"):
-            _check(0 < getattr(self, name) < math.inf, name, getattr(self, name), "must be a finite number > 0")
+            check_value(0 < getattr(self, name) < math.inf, name, getattr(self, name), "must be a finite number > 0")
         for name in ("think_time_s", "priority_interval_s"):
-            _check(0 <= getattr(self, name) < math.inf, name, getattr(self, name), "must be finite and >= 0")
+            check_value(0 <= getattr(self, name) < math.inf, name, getattr(self, name), "must be finite and >= 0")
         for name, allowed in (("arrival", ARRIVALS), ("think", THINK_MODES), ("priority_pattern", PRIORITY_PATTERNS)):
-            _check(getattr(self, name) in allowed, name, getattr(self, name), f"choose one of {allowed}")
-        _check(self.request_rate > 0, "request_rate", self.request_rate, "must be > 0 (inf: all at t=0)")
-        _check(self.max_context >= 2, "max_context", self.max_context, "must be >= 2 (one user + one reply token)")
-        _check(0 <= self.markov_stay <= 1, "markov_stay", self.markov_stay, "must be in [0, 1]")
-        _check(self.vocab_size > self.first_token_id, "vocab_size", self.vocab_size,
+            check_value(getattr(self, name) in allowed, name, getattr(self, name), f"choose one of {allowed}")
+        check_value(self.request_rate > 0, "request_rate", self.request_rate, "must be > 0 (inf: all at t=0)")
+        check_value(self.max_context >= 2, "max_context", self.max_context, "must be >= 2 (one user + one reply token)")
+        check_value(0 <= self.markov_stay <= 1, "markov_stay", self.markov_stay, "must be in [0, 1]")
+        check_value(self.vocab_size > self.first_token_id, "vocab_size", self.vocab_size,
                f"must be > first_token_id={self.first_token_id}")
         parse_tenants(self.tenants)
-
-
-def _check_types(config: WorkloadConfig) -> None:
-    """Reject a float count or a string rate before range checks compare them."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if f.type == "int":
-            _check(is_number and isinstance(value, int), f.name, value, "must be an integer")
-        elif f.type == "float":
-            _check(is_number, f.name, value, "must be a number")
-        else:
-            _check(isinstance(value, str), f.name, value, "must be a string")
 
 
 # A raw turn before scale and the context cap: the user message as token ids (from a tokenizer) or as a

@@ -12,6 +12,7 @@ import pytest
 from fs_engine import LLMEngine, SamplingParams
 from ipc.errors import EngineDeadError
 from tests.conftest import random_prompts
+from tests.launcher import alive
 
 ARGS = {"num_gpu_blocks": 40, "block_size": 4, "policy": "priority", "preemption_cooldown_steps": 1}
 
@@ -28,14 +29,6 @@ def run(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, list[int]]:
             for request_id in list(engine.scheduler.requests):
                 engine.update_priority(request_id, (steps // 3 + int(request_id[1:])) % 4)
     return outputs
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_multiprocess_engine_matches_in_process_under_swaps(tiny_model_dirs):

@@ -137,6 +137,7 @@ def test_kv_manager_random_operations_with_both_allocators(name, num_blocks, blo
             rid = rng.choice(sorted(tokens))
             freed = kv.free(rid)
             assert len(freed) == blocks_for(tokens.pop(rid), block_size)
+            assert kv.block_ids(rid) == []
         else:
             grow = tokens and rng.random() < 0.7
             rid = rng.choice(sorted(tokens)) if grow else f"r{step}"
@@ -150,6 +151,7 @@ def test_kv_manager_random_operations_with_both_allocators(name, num_blocks, blo
             if ok:
                 tokens[rid] = max(want, tokens.get(rid, 0))
                 assert kv.block_ids(rid)[: len(table_before)] == table_before
+                assert len(kv.block_ids(rid)) == max(len(table_before), blocks_for(want, block_size))
                 assert kv.num_free_blocks == free_before - need
                 nxt = table_before[-1] + 1 if table_before else None
                 if name == "group" and need and nxt is not None and nxt < num_blocks and nxt not in held_before:
@@ -157,6 +159,8 @@ def test_kv_manager_random_operations_with_both_allocators(name, num_blocks, blo
             else:
                 assert kv.block_ids(rid) == table_before and kv.num_free_blocks == free_before
         kv.check_invariants()
+        for rid, n in tokens.items():
+            assert len(kv.block_ids(rid)) >= blocks_for(n, block_size)
         held = [b for r in tokens for b in kv.block_ids(r)]
         assert len(held) == len(set(held)) and len(held) + kv.num_free_blocks == num_blocks
     for rid in list(tokens):
