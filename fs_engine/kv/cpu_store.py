@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fs_engine.kv.block_groups import BlockGroupAllocator
 from fs_engine.kv.kv_manager import blocks_for
+from fs_engine.kv.prefix_index import PrefixIndex
 
 
 @dataclass
@@ -33,18 +34,6 @@ class _Entry:
     blocks: list[int]
     valid_tokens: int = 0
     pins: int = 0
-    # prefixes only: the tokens of the blocks (for verification) and their chain hashes
-    token_ids: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)
-
-
-def chain_hashes(token_ids: list[int], block_size: int, num_blocks: int, session_id: str | None) -> list[int]:
-    """Hash of block i covers the session and every token of blocks 0..i (a prefix, not just the block)."""
-    out, h = [], hash(("fs-kv", session_id))
-    for i in range(num_blocks):
-        h = hash((h, tuple(token_ids[i * block_size : (i + 1) * block_size])))
-        out.append(h)
-    return out
 
 
 class CpuKVStore:
@@ -56,7 +45,7 @@ class CpuKVStore:
         self.refs = [0] * num_blocks
         self.copies: dict[str, _Entry] = {}
         self.prefixes: dict[int, _Entry] = {}
-        self._index: dict[int, tuple[int, int]] = {}  # chain hash -> (prefix id, block index)
+        self.index = PrefixIndex(block_size)  # prefix id -> the tokens its blocks hold
         self._lru: OrderedDict[tuple[str, object], None] = OrderedDict()  # ("copy", owner) | ("prefix", id)
         self._prefix_ids = itertools.count()
         self.num_hits = 0
@@ -106,9 +95,8 @@ class CpuKVStore:
     def _drop(self, key: tuple[str, object]) -> None:
         kind, name = key
         entry = self.copies.pop(name) if kind == "copy" else self.prefixes.pop(name)
-        for h in entry.hashes:
-            if self._index.get(h, (None,))[0] == name:
-                del self._index[h]
+        if kind == "prefix":
+            self.index.remove(name)
         del self._lru[key]
         self._unref(entry.blocks)
 
@@ -193,29 +181,14 @@ class CpuKVStore:
     def lookup(self, token_ids: list[int], session_id: str | None) -> tuple[list[int], int]:
         """The longest stored prefix of ``token_ids`` in whole blocks, leaving at least one token to compute.
         Returns (host blocks, matched tokens); verified token for token."""
-        if not self.enable_reuse or not self.prefixes:
+        if not self.enable_reuse:
             return [], 0
-        max_blocks = (len(token_ids) - 1) // self.block_size
-        blocks: list[int] = []
-        verified_id, verified_to = None, 0  # the entry whose tokens [0, verified_to) equal token_ids'
-        for i, h in enumerate(chain_hashes(token_ids, self.block_size, max_blocks, session_id)):
-            hit = self._index.get(h)
-            if hit is None or hit[1] != i:
-                break
-            prefix_id = hit[0]
-            entry = self.prefixes[prefix_id]
-            hi = (i + 1) * self.block_size
-            # KV of a block depends on every token before it: verify the whole prefix against this entry
-            # (only the new block when the previous blocks were verified against the same entry)
-            lo = verified_to if prefix_id == verified_id else 0
-            if entry.token_ids[lo:hi] != token_ids[lo:hi]:
-                break  # a hash collision: never serve KV of other tokens
-            verified_id, verified_to = prefix_id, hi
-            blocks.append(entry.blocks[i])
+        hits = self.index.match(token_ids, session_id)
+        for prefix_id in dict.fromkeys(prefix_id for prefix_id, _ in hits):
             self._touch(("prefix", prefix_id))
-        if blocks:
+        if hits:
             self.num_hits += 1
-        return blocks, len(blocks) * self.block_size
+        return [self.prefixes[prefix_id].blocks[i] for prefix_id, i in hits], len(hits) * self.block_size
 
     def attach_prefix(self, owner: str, blocks: list[int], num_tokens: int) -> None:
         """Start ``owner``'s copy from a prefix hit (shared blocks); pinned until its swap-in is released."""
@@ -233,12 +206,8 @@ class CpuKVStore:
         if num_full == 0:
             return
         prefix_id = next(self._prefix_ids)
-        hashes = chain_hashes(token_ids, self.block_size, num_full, session_id)
-        prefix = _Entry(blocks=entry.blocks[:num_full], valid_tokens=num_full * self.block_size,
-                        token_ids=list(token_ids[: num_full * self.block_size]), hashes=hashes)
-        self.prefixes[prefix_id] = prefix
-        for i, h in enumerate(hashes):
-            self._index[h] = (prefix_id, i)  # the newest prefix serves a block; older ones age out by LRU
+        self.prefixes[prefix_id] = _Entry(blocks=entry.blocks[:num_full], valid_tokens=num_full * self.block_size)
+        self.index.add(prefix_id, token_ids[: num_full * self.block_size], session_id)
         self._touch(("prefix", prefix_id))
 
     # ---- checks ------------------------------------------------------------------------------------------
@@ -259,5 +228,5 @@ class CpuKVStore:
         for key in self._lru:
             self._entry(key)
         assert len(self._lru) == len(self.copies) + len(self.prefixes), "LRU list out of sync"
-        for h, (prefix_id, i) in self._index.items():
-            assert self.prefixes[prefix_id].hashes[i] == h, "stale prefix index entry"
+        self.index.check_invariants()
+        assert len(self.index) == len(self.prefixes) and all(p in self.index for p in self.prefixes)

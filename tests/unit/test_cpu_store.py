@@ -7,9 +7,10 @@ import random
 
 import pytest
 
-import fs_engine.kv.cpu_store as cpu_store_module
-from fs_engine.kv.cpu_store import CpuKVStore, chain_hashes
+import fs_engine.kv.prefix_index as prefix_index_module
+from fs_engine.kv.cpu_store import CpuKVStore
 from fs_engine.kv.kv_manager import blocks_for
+from fs_engine.kv.prefix_index import chain_hashes
 
 BS = 4
 
@@ -169,7 +170,7 @@ def test_prefix_commit_and_lookup_in_whole_blocks_leaving_one_token_to_compute()
     tokens = seq(100, 18)  # 4 full blocks; the partial fifth is not stored
     prefix_id = store_prefix(store, "a", tokens)
     prefix = store.prefixes[prefix_id]
-    assert len(prefix.blocks) == 4 and prefix.token_ids == tokens[:16] and prefix.pins == 0
+    assert len(prefix.blocks) == 4 and store.index.tokens(prefix_id) == tokens[:16] and prefix.pins == 0
     assert store.copy_of("a") is None and store.num_free_blocks == 12 and store.num_cached_blocks() == 4
     assert store.lookup(tokens[:16] + [1, 2], None) == (prefix.blocks, 16)
     assert store.lookup(tokens[:16], None) == (prefix.blocks[:3], 12)  # the last token must be computed
@@ -245,12 +246,12 @@ def block_only_hashes(token_ids, block_size, num_blocks, session_id):
 
 
 def test_verification_rejects_a_hash_collision_with_other_tokens(monkeypatch):
-    monkeypatch.setattr(cpu_store_module, "chain_hashes", position_only_hashes)
+    monkeypatch.setattr(prefix_index_module, "chain_hashes", position_only_hashes)
     store = CpuKVStore(16, BS, enable_reuse=True)
     stored = seq(100, 8)
     store_prefix(store, "a", stored)
     other = seq(300, 8) + [1]
-    assert store._index  # the collision is real: the index answers for other's blocks
+    assert store.index._by_hash  # the collision is real: the index answers for other's blocks
     assert store.lookup(other, None) == ([], 0)
     partly = stored[:4] + seq(300, 4) + [1]  # block 0 matches, block 1 collides with other tokens
     assert store.lookup(partly, None) == (store.prefixes[0].blocks[:1], 4)
@@ -259,7 +260,7 @@ def test_verification_rejects_a_hash_collision_with_other_tokens(monkeypatch):
 def test_verification_rejects_a_colliding_block_whose_earlier_tokens_differ(monkeypatch):
     # KV of block i depends on every token before it: a block from a prefix whose earlier blocks differ is
     # wrong even when block i's own tokens match
-    monkeypatch.setattr(cpu_store_module, "chain_hashes", block_only_hashes)
+    monkeypatch.setattr(prefix_index_module, "chain_hashes", block_only_hashes)
     store = CpuKVStore(16, BS, enable_reuse=True)
     a, b, c, d = seq(100, 4), seq(200, 4), seq(300, 4), seq(400, 4)
     store_prefix(store, "x", a + b)
@@ -366,7 +367,7 @@ class ShadowDriver:
             for _, b in r.get("writes", []):
                 assert store.refs[b] == 1, f"{owner}: block {b} under a copy is shared"
         for pid, p in store.prefixes.items():
-            self.expect(p.blocks, p.token_ids, f"prefix {pid}")
+            self.expect(p.blocks, store.index.tokens(pid), f"prefix {pid}")
 
     def expect(self, blocks: list[int], tokens: list[int], what: str) -> None:
         for pos, slot in enumerate(self.kv(tokens)):

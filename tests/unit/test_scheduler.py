@@ -865,7 +865,7 @@ class SwapHarness(Harness):
                                     f"host copy of {request}")
         if self.store is not None:
             for prefix_id, prefix in self.store.prefixes.items():
-                worker.check_blocks(worker.host, prefix.blocks, prefix.token_ids, f"stored prefix {prefix_id}")
+                worker.check_blocks(worker.host, prefix.blocks, self.store.index.tokens(prefix_id), f"stored prefix {prefix_id}")
 
     def step_until(self, done, max_steps: int = 300) -> StepPlan:
         """Step until ``done()`` holds (a scheduler that never gets there fails instead of hanging)."""
