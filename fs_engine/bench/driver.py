@@ -29,8 +29,8 @@ from fs_engine.sampling_params import SamplingParams
 COUNTERS = ("num_steps", "num_batched_tokens", "num_prompt_tokens", "num_generated_tokens", "num_finished_requests",
             "num_aborted_requests", "num_preemptions", "num_swap_outs", "num_swap_ins", "swap_out_bytes",
             "swap_in_bytes", "swap_copies", "swap_wait_s", "execute_s", "reused_swap_out_bytes",
-            "reused_swap_out_blocks", "reused_prefix_tokens", "num_recomputed_tokens", "num_recompute_fallbacks",
-            "cpu_store_hits", "cpu_store_evictions")
+            "reused_swap_out_blocks", "reused_prefix_tokens", "reused_resident_tokens", "num_recomputed_tokens",
+            "num_recompute_fallbacks", "cpu_store_hits", "cpu_store_evictions", "resident_evictions")
 
 
 @dataclass

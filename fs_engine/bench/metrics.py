@@ -23,7 +23,8 @@ PERCENTILES = (50, 95, 99, 99.9)
 # engine counters worth comparing across configs; the engine reports many more (block counts, config echoes)
 ENGINE_KEYS = (
     "num_preemptions", "num_swap_outs", "num_swap_ins", "swap_out_bytes", "swap_in_bytes",
-    "reused_swap_out_bytes", "reused_prefix_tokens", "swap_wait_s", "num_recomputed_tokens", "swap_copies",
+    "reused_swap_out_bytes", "reused_prefix_tokens", "reused_resident_tokens", "swap_wait_s", "num_recomputed_tokens",
+    "swap_copies",
 )
 
 

@@ -38,6 +38,9 @@ METRIC_ROWS: list[tuple[str, tuple[str, ...], Better]] = [
     ("Preemptions", ("engine", "num_preemptions"), None),
     ("Swap-out (MB)", ("engine", "swap_out_bytes"), "lower"),
     ("Reused swap-out (MB)", ("engine", "reused_swap_out_bytes"), None),
+    ("Swap-in (MB)", ("engine", "swap_in_bytes"), "lower"),
+    ("History tokens reused", ("engine", "reused_prefix_tokens"), None),
+    ("... still on the device", ("engine", "reused_resident_tokens"), None),
     ("Swap wait (s)", ("engine", "swap_wait_s"), "lower"),
     ("Recomputed tokens", ("engine", "num_recomputed_tokens"), "lower"),
 ]

@@ -87,7 +87,8 @@ class Scheduler:
         self.num_recomputed_tokens = 0
         self.num_recompute_fallbacks = 0  # swap preemptions that recomputed because host memory was full
         self.num_reused_swap_out_blocks = 0  # blocks a swap-out did not copy: the host copy was still valid
-        self.num_reused_prefix_tokens = 0  # prompt tokens swapped in from stored prefixes instead of prefilled
+        self.num_reused_prefix_tokens = 0  # prompt tokens taken from earlier turns' KV instead of prefilled
+        self.num_reused_resident_tokens = 0  # ... of which a finished turn left on the device (no copy at all)
         self.swap_copies = 0
         self.swap_out_bytes = 0
         self.swap_in_bytes = 0
@@ -172,6 +173,8 @@ class Scheduler:
         swap_id = next(self._swap_ids)
         self._inflight[swap_id] = record
         self._hand_to_record(swap_id)
+        # the device keeps the blocks too: a next turn that comes soon adopts them without any copy
+        self.kv.keep_resident(record.owner, record.token_ids, record.session_id)
         gpu = self.kv.block_ids(record.owner)
         runs = paired_runs([gpu[i] for i, _ in writes], [h for _, h in writes])
         if not runs:  # the host copy was complete already: nothing to move
@@ -244,7 +247,18 @@ class Scheduler:
         asynchronously; None: it does not fit (yet)."""
         rid = request.request_id
         matched = self._pin_reusable_kv(request) if request.status is S.WAITING and self._reuse else 0
-        computed = request.num_computed_tokens if request.status is S.SWAPPED else matched
+        resident, resident_tokens, settled = (
+            self.kv.match_resident(request.token_ids, request.session_id)
+            if request.status is S.WAITING and self._reuse else (None, 0, False))
+        if resident_tokens and resident_tokens >= matched and not settled:
+            # the device holds its history, but a write-back still reads those blocks: adopt them once it lands
+            # (a step or so) rather than prefill or swap in what is already there
+            if matched:
+                self.cpu_store.release(rid, keep=True)
+            return False
+        if resident_tokens < matched:
+            resident = None
+        computed = request.num_computed_tokens if request.status is S.SWAPPED else max(matched, resident_tokens)
         num_new = min(request.num_tokens - computed, budget)
         need = blocks_for(computed + num_new, self.kv.block_size)
         victims = self._victims_for(request, need, ranked, in_batch)
@@ -255,18 +269,26 @@ class Scheduler:
             if matched:
                 self.cpu_store.release(rid, keep=True)
             return None
+        if resident is not None:
+            self.kv.adopt(resident, rid, computed)
         assert self.kv.allocate_slots(rid, computed + num_new)
         request.scheduled_in_step = self._step_id
         if not computed:
             request.status = S.RUNNING
             return True
         if request.status is S.WAITING:
-            request.num_computed_tokens = matched
-            self.num_reused_prefix_tokens += matched
-            # tokens a recompute preemption dropped but host memory still had are not recomputed after all
-            self.num_recomputed_tokens -= min(matched, request.num_dropped_tokens)
+            request.num_computed_tokens = computed
+            # tokens a recompute preemption dropped but memory still had are not recomputed after all
+            self.num_recomputed_tokens -= min(computed, request.num_dropped_tokens)
             request.num_dropped_tokens = 0
-            request.num_cached_tokens = max(request.num_cached_tokens, min(matched, request.num_prompt_tokens))
+            request.num_cached_tokens = max(request.num_cached_tokens, min(computed, request.num_prompt_tokens))
+            self.num_reused_prefix_tokens += computed
+        if resident is not None:  # on the device already: it computes this step, no copy
+            self.num_reused_resident_tokens += computed
+            if matched:  # the host prefix stays its CPU copy, so a later swap-out copies only the dirty tail
+                self.cpu_store.release(rid, keep=True)
+            request.status = S.RUNNING
+            return True
         return self._swap_in(plan, request, self.cpu_store.prepare_swap_in(rid, computed))
 
     def _pin_reusable_kv(self, request: Request) -> int:
@@ -387,9 +409,10 @@ class Scheduler:
             if record.kind == "writeback":
                 self.cpu_store.release(record.owner, keep=True)
                 self.cpu_store.commit_prefix(record.owner, record.token_ids, record.session_id)
+                self.kv.settle(record.owner)  # its resident device blocks are an evictable cache from now on
             else:
                 self.cpu_store.discard(record.owner)
-            self.kv.free(record.owner)
+                self.kv.free(record.owner)
             return
         if record.kind == "in":
             if not record.waited:  # a waited swap-in was released when its plan was built
@@ -469,6 +492,9 @@ class Scheduler:
             "swap_in_bytes": self.swap_in_bytes,
             "reused_swap_out_blocks": self.num_reused_swap_out_blocks,
             "reused_prefix_tokens": self.num_reused_prefix_tokens,
+            "reused_resident_tokens": self.num_reused_resident_tokens,
+            "resident_blocks": self.kv.num_evictable_blocks,
+            "resident_evictions": self.kv.num_resident_evictions,
             "cpu_store_hits": store.num_hits if store else 0,
             "cpu_store_evictions": store.num_evictions if store else 0,
             **self.policy.stats(),

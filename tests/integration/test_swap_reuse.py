@@ -78,11 +78,12 @@ def test_reuse_halves_swapped_out_bytes_and_later_turns_prefill_only_new_tokens(
     with capsys.disabled():
         print(f"\nmulti-turn swap-out bytes: reuse off {off['swap_out_bytes']}, reuse on {on['swap_out_bytes']} "
               f"(+{on['reused_swap_out_bytes']} not copied); tokens computed: {off['num_batched_tokens']} -> "
-              f"{on['num_batched_tokens']}; prefix tokens from the CPU store: {on['reused_prefix_tokens']}")
+              f"{on['num_batched_tokens']}; history tokens reused: {on['reused_prefix_tokens']} "
+              f"({on['reused_resident_tokens']} still on the device, the rest swapped in from the CPU store)")
     # reuse writes finished turns back (counted), yet moves at most half the bytes of copying every swap whole
     assert on["swap_out_bytes"] <= 0.5 * (off["swap_out_bytes"])
     assert on["num_batched_tokens"] < 0.6 * off["num_batched_tokens"]
-    # every later turn took its history's full blocks from the CPU store and prefilled only the rest
+    # every later turn took its history's full blocks from the device or the CPU store and prefilled only the rest
     replies = runs[True][1]
     for conv in replies:
         for prev, out in zip(conv, conv[1:]):

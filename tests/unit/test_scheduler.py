@@ -627,7 +627,8 @@ class SwapHarness(Harness):
         self.swapped_out_table: dict[str, list[int]] = {}  # device table of a SWAPPING_OUT request
         self.num_reclaims = 0
         self.reclaimed_blocks = 0
-        self.prefix_hits: list[tuple[str, int]] = []  # (request id, matched tokens)
+        self.prefix_hits: list[tuple[str, int]] = []  # (request id, matched tokens) swapped in from the host
+        self.resident_hits: list[tuple[str, int]] = []  # (request id, tokens) adopted from a finished turn's blocks
         self.writebacks: list[tuple[str, list[tuple[int, int]]]] = []  # issued since the last plan
 
     def host_blocks(self, request_id: str) -> list[int]:
@@ -659,6 +660,9 @@ class SwapHarness(Harness):
     def step(self) -> StepPlan:
         before = self._snapshot()
         reused_before = self.sched.num_reused_swap_out_blocks
+        evictions_before = self.store.num_evictions if self.store is not None else 0
+        resident_before = {o: list(self.kv.block_ids(o)) for o in self.kv._tables if o in self.kv.resident}
+        adopted_before = self.sched.num_reused_resident_tokens
         plan = self.sched.schedule()
         # the scheduler's own check_invariants() runs once the step's result is applied: between schedule() and
         # update() a sync swap-out is SWAPPED while its copy is valid only from its completion on
@@ -666,7 +670,7 @@ class SwapHarness(Harness):
         if self.store is not None:
             self.store.check_invariants()
         self.check_plan(plan)
-        self.check_swaps(plan, before, reused_before)
+        self.check_swaps(plan, before, reused_before, evictions_before, resident_before, adopted_before)
         self.plans.append(plan)
         self.plans_with_both_swaps += bool({c.kind for c in plan.swaps} == {"out", "in"})
         mid = self._snapshot()
@@ -738,9 +742,13 @@ class SwapHarness(Harness):
         stored = bool(new_keys or set(self.store.prefixes) - prefixes_before)
         assert self.sched.num_reused_swap_out_blocks - reused_before == (kept if stored else 0)
 
-    def check_swaps(self, plan: StepPlan, before: dict[str, _Snap], reused_before: int) -> None:
-        """Every command of ``plan`` is the copy that one request's state change calls for, and vice versa."""
+    def check_swaps(self, plan: StepPlan, before: dict[str, _Snap], reused_before: int, evictions_before: int,
+                    resident_before: dict[str, list[int]], adopted_before: int) -> None:
+        """Every command of ``plan`` is the copy that one request's state change calls for, and vice versa;
+        a request that starts from a finished turn's resident blocks gets them without any copy."""
         bs = self.kv.block_size
+        swapped_in_to = {tuple(gpu for _, gpu in pairs_of(c.runs)) for c in plan.swaps if c.kind == "in"}
+        adopted = 0
         expected: list[tuple[str, str, list[tuple[int, int]], bool | None]] = []  # kind, rid, pairs, wait
         reused = 0
         allowed = {
@@ -763,8 +771,11 @@ class SwapHarness(Harness):
                 kept = 0 if snap.host is None else min(snap.valid // bs, len(snap.host), n)
                 if not self.reuse:
                     assert kept == 0, "a host copy outlived its swap-in without kv reuse"
-                if kept:  # the still-valid blocks are not copied again, and stay where they are
-                    assert copy.blocks[:kept] == snap.host[:kept]
+                if kept and copy.blocks[:kept] != snap.host[:kept]:
+                    # an unpinned cached copy: another victim's swap-out in this plan may have evicted it
+                    assert self.store.num_evictions > evictions_before, f"{rid}: its valid host copy was replaced"
+                    kept = 0
+                # the still-valid blocks are not copied again, and stay where they are
                 reused += kept
                 pairs = [(snap.device[i], copy.blocks[i]) for i in range(kept, n)]
                 if now is S.SWAPPED:  # waited (sync), or nothing to copy
@@ -782,9 +793,16 @@ class SwapHarness(Harness):
                 assert snap.valid >= snap.computed and len(snap.host) >= n
                 expected.append(("in", rid, [(snap.host[i], device[i]) for i in range(n)], now is S.RUNNING))
             elif snap.status is S.WAITING and now in (S.RUNNING, S.SWAPPING_IN) and r.num_computed_tokens:
-                matched = r.num_computed_tokens  # a stored prefix is swapped in
+                matched = r.num_computed_tokens  # a stored prefix is swapped in, or adopted on the device
                 assert self.reuse and matched % bs == 0 and 0 < matched < r.num_tokens
                 copy, device = self.store.copy_of(rid), self.kv.block_ids(rid)
+                n = matched // bs
+                if tuple(device[:n]) not in swapped_in_to:
+                    owner = next(o for o, t in resident_before.items() if t[:n] == device[:n])
+                    assert now is S.RUNNING and owner not in self.kv.resident, f"{rid}: adopted half of {owner}"
+                    self.resident_hits.append((rid, matched))
+                    adopted += matched
+                    continue
                 expected.append(("in", rid, [(copy.blocks[i], device[i]) for i in range(matched // bs)],
                                  now is S.RUNNING))
                 self.prefix_hits.append((rid, matched))
@@ -801,6 +819,7 @@ class SwapHarness(Harness):
                 expected.append(("out", key, pairs, wait_out))
         self.writebacks = []
         assert self.sched.num_reused_swap_out_blocks - reused_before == reused
+        assert self.sched.num_reused_resident_tokens - adopted_before == adopted
 
         unmatched = list(expected)
         for command in plan.swaps:
@@ -1783,7 +1802,7 @@ def finished_turn(h: SwapHarness, rid: str = "a", prompt_len: int = 10, max_toke
 
 
 @pytest.mark.parametrize("swap_mode", SWAP_MODES)
-def test_reuse_a_finished_requests_blocks_are_written_back_and_the_next_turn_swaps_them_in(swap_mode):
+def test_reuse_a_finished_turns_blocks_are_written_back_and_stay_for_the_next_turn(swap_mode):
     h = SwapHarness(num_blocks=16, block_size=4, num_cpu_blocks=32, swap_mode=swap_mode, enable_kv_reuse=True,
                     delay=1)
     a = finished_turn(h)  # 10 + 7 tokens; its KV covers the first 16
@@ -1792,13 +1811,39 @@ def test_reuse_a_finished_requests_blocks_are_written_back_and_the_next_turn_swa
     (write_back,) = plan.swaps
     assert write_back.kind == "out" and runs_blocks(write_back.runs) == 4
     assert write_back.wait == (swap_mode == "sync")
+    written_from = [gpu for gpu, _ in pairs_of(write_back.runs)]
     h.settle()
     assert len(h.store.prefixes) == 1 and h.store.num_cached_blocks() == 4 and not h.store.copies
-    assert h.kv.num_free_blocks == 16  # the device blocks were freed once the write-back landed
+    # the device keeps the 4 full blocks (the partial fifth was freed) as a cache that counts as free
+    assert h.kv.num_unused_blocks == 12 and h.kv.num_evictable_blocks == 4 and h.kv.num_free_blocks == 16
     prompt = a.token_ids + [5, 6, 7, 8, 9]  # the next turn: the whole conversation, then more
     b = h.add("b", 0, max_tokens=3, prompt=prompt)
     plan = h.step()
-    assert h.prefix_hits == [("b", 16)]  # admitted with 16 tokens computed, from host memory
+    # adopted where it lies: no copy in either direction, and it computes only its new tokens at once
+    assert h.resident_hits == [("b", 16)] and not h.prefix_hits and not plan.swaps
+    assert h.kv.block_ids("b")[:4] == written_from and b.num_computed_tokens == len(prompt)
+    assert h.sched.num_reused_resident_tokens == h.sched.num_reused_prefix_tokens == 16
+    assert h.kv.num_evictable_blocks == 0
+    h.run()
+    h.check_all_done()
+    (first,) = chunks_of(h.plans, "b")[:1]
+    assert first.start_pos == 16 and first.token_ids == prompt[16:]
+
+
+@pytest.mark.parametrize("swap_mode", SWAP_MODES)
+def test_reuse_the_next_turn_swaps_its_history_in_once_the_device_evicted_it(swap_mode):
+    h = SwapHarness(num_blocks=16, block_size=4, num_cpu_blocks=32, swap_mode=swap_mode, enable_kv_reuse=True,
+                    delay=1)
+    a = finished_turn(h)
+    h.settle()
+    filler = h.add("filler", prompt_len=56, max_tokens=1)  # 14 blocks: 12 free and 2 of the 4 resident
+    h.step()
+    assert h.kv.num_resident_evictions == 1 and filler.num_computed_tokens == 56  # a's blocks were evicted
+    h.run()
+    prompt = a.token_ids + [5, 6, 7, 8, 9]
+    b = h.add("b", 0, max_tokens=3, prompt=prompt)
+    plan = h.step()
+    assert h.prefix_hits == [("b", 16)] and not h.resident_hits  # from host memory
     assert b.num_computed_tokens == (16 if swap_mode == "async" else len(prompt))
     (swap_in,) = plan.swaps
     assert swap_in.kind == "in" and runs_blocks(swap_in.runs) == 4
@@ -1811,6 +1856,22 @@ def test_reuse_a_finished_requests_blocks_are_written_back_and_the_next_turn_swa
     assert sum(len(c.token_ids) for c in chunks_of(h.plans, "b")) == len(prompt) + 3 - 1 - 16
 
 
+def test_reuse_a_next_turn_arriving_while_its_history_is_written_back_waits_for_the_blocks():
+    # async: the write-back is in flight when the next turn comes. Its blocks are read by the copy, so the turn
+    # waits for it to land (a step or so) and then adopts them: no prefill, no swap-in
+    h = SwapHarness(num_blocks=16, block_size=4, num_cpu_blocks=32, swap_mode="async", enable_kv_reuse=True,
+                    delay=2)
+    a = finished_turn(h)
+    prompt = a.token_ids + [5, 6]
+    b = h.add("b", 0, max_tokens=2, prompt=prompt)
+    plan = h.step()  # carries the write-back
+    assert [c.kind for c in plan.swaps] == ["out"] and b.status is RequestStatus.WAITING
+    h.run()
+    h.check_all_done()
+    assert h.resident_hits == [("b", 16)] and not h.prefix_hits
+    assert chunks_of(h.plans, "b")[0].start_pos == 16
+
+
 def test_reuse_a_prompt_that_differs_inside_a_block_matches_up_to_that_block():
     h = SwapHarness(num_blocks=16, block_size=4, num_cpu_blocks=32, enable_kv_reuse=True)
     a = finished_turn(h)
@@ -1818,13 +1879,13 @@ def test_reuse_a_prompt_that_differs_inside_a_block_matches_up_to_that_block():
     prompt = a.token_ids[:9] + [a.token_ids[9] + 1] + a.token_ids[10:]  # differs at position 9, in block 2
     h.add("b", 0, max_tokens=2, prompt=prompt)
     h.step()
-    assert h.prefix_hits == [("b", 8)]
+    assert h.resident_hits == [("b", 8)]  # the first 2 of a's resident blocks; the other 2 are freed
     h.add("c", 0, max_tokens=2, prompt=[a.token_ids[0] + 1] + a.token_ids[1:])  # differs in block 0: no hit
     h.add("d", 0, max_tokens=2, prompt=a.token_ids[:16], session_id="other")  # another session: no hit
     h.add("e", 0, max_tokens=2, prompt=a.token_ids[:16])  # at least one token is left to compute
     h.run()
     h.check_all_done()
-    assert h.prefix_hits == [("b", 8), ("e", 12)]
+    assert h.resident_hits == [("b", 8)] and h.prefix_hits == [("e", 12)]  # e from the host copy
 
 
 def test_reuse_a_recompute_preempted_request_can_hit_a_stored_prefix_again():
@@ -1836,13 +1897,13 @@ def test_reuse_a_recompute_preempted_request_can_hit_a_stored_prefix_again():
     h.settle()
     b = h.add("b", 0, max_tokens=8, prompt=a.token_ids + [1, 2, 3], priority=5)  # 20 tokens, 5 blocks
     h.step()
-    assert h.prefix_hits == [("b", 16)]
+    assert h.resident_hits == [("b", 16)]  # a's blocks, still on the device
     h.add("high", prompt_len=24, max_tokens=2, priority=0)  # 6 blocks, 5 free: b goes
     h.step()
     assert b.status is RequestStatus.WAITING
     h.run()
     h.check_all_done()
-    assert h.prefix_hits == [("b", 16), ("b", 16)]
+    assert h.prefix_hits == [("b", 16)]  # its KV was dropped, and the host still had it
 
 
 def test_reuse_a_prefix_matched_for_admission_is_not_evicted_by_the_victims_swap_out():
@@ -1859,3 +1920,57 @@ def test_reuse_a_prefix_matched_for_admission_is_not_evicted_by_the_victims_swap
     h.add("b", 0, max_tokens=2, prompt=a.token_ids + [1], priority=0)  # 18 tokens: 5 blocks, 0 free
     h.run()
     h.check_all_done()
+
+
+def run_conversation_flips(seed: int, swap_mode: str, allocator: str) -> SwapHarness:
+    """Closed-loop conversations (each turn's prompt is the whole history plus a new message) on tight device
+    memory, with priority flips: finished turns' blocks stay resident and are adopted, evicted, or written back
+    and swapped in, while other requests preempt and swap around them."""
+    rng = random.Random(seed)
+    block_size = rng.choice([2, 4])
+    h = SwapHarness(num_blocks=rng.randint(24, 40), block_size=block_size, num_cpu_blocks=rng.randint(12, 60),
+                    max_num_batched_tokens=rng.randint(8, 48), policy="priority", cooldown=rng.choice([0, 2]),
+                    allocator=allocator, swap_mode=swap_mode, enable_kv_reuse=True, seed=seed)
+    history = {f"c{c}": [] for c in range(rng.randint(2, 4))}
+    turns = dict.fromkeys(history, 0)
+    due = {c: rng.randint(0, 4) for c in history}  # conversation -> step its next turn arrives
+    live: dict[str, str] = {}  # conversation -> its live turn's request id
+    for step in range(3000):
+        for c, at in list(due.items()):
+            if at <= step:
+                del due[c]
+                history[c] += [rng.randrange(900) for _ in range(rng.randint(1, 8))]
+                rid = f"{c}-t{turns[c]}"
+                h.add(rid, 0, max_tokens=rng.randint(1, 8), prompt=list(history[c]), session_id=c,
+                      priority=rng.randint(0, 3))
+                live[c] = rid
+        if step < 80 and rng.random() < 0.15:  # one-off requests that compete for the blocks
+            h.add(f"x{step}", rng.randint(1, h.kv.num_blocks * block_size // 3), max_tokens=rng.randint(1, 8),
+                  priority=rng.randint(0, 3))
+        if step % 3 == 0 and h.sched.requests:
+            h.sched.update_priority(rng.choice(sorted(h.sched.requests)), rng.randint(0, 3))
+        h.step()
+        for c, rid in list(live.items()):
+            if rid in h.done:
+                del live[c]
+                history[c] = list(h.done[rid].token_ids)
+                turns[c] += 1
+                if turns[c] < 6 and len(history[c]) + 16 <= h.kv.num_blocks * block_size * 3 // 4:
+                    due[c] = step + rng.choice([0, 0, 1, 3, 12])  # often at once: the history is still resident
+        if not due and not live and step >= 80:
+            break
+    h.run()
+    h.check_all_done()
+    return h
+
+
+@pytest.mark.parametrize("allocator", ["group", "block"])
+@pytest.mark.parametrize("swap_mode", SWAP_MODES)
+def test_reuse_random_conversations_adopt_resident_history_or_swap_it_in(swap_mode, allocator):
+    resident = host = 0
+    for seed in range(8):
+        h = run_conversation_flips(seed, swap_mode, allocator)
+        resident += len(h.resident_hits)
+        host += len(h.prefix_hits)
+        assert h.kv.num_free_blocks == h.kv.num_blocks  # resident history is a cache, nothing is leaked
+    assert resident > 0 and host > 0, f"adopted {resident} histories on the device, {host} from the host"
