@@ -20,7 +20,7 @@ POLICIES = ("fcfs", "priority", "vtc")
 PREEMPTION_MODES = ("swap", "recompute")
 SWAP_MODES = ("async", "sync", "adaptive")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_BACKENDS = ("auto", "torch")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -172,13 +172,20 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class DeviceConfig:
     device: str = _help("where the model runs: auto = cuda when available, else cpu", default="auto")
-    attention_backend: str = _help("attention implementation: auto or torch", default="auto")
+    attention_backend: str = _help(
+        "attention implementation: auto (on CUDA: flash_attn when installed and block_size is a multiple of 256, "
+        "else triton; on CPU: torch), torch (reference, any device), triton, flash_attn", default="auto")
+    enforce_eager: bool = _help("CUDA: run decode steps eagerly instead of replaying captured CUDA graphs",
+                                default=False)
+    max_graph_batch_size: int = _help("CUDA: largest decode batch captured as a CUDA graph (larger runs eagerly)",
+                                      default=256)
 
     def __post_init__(self) -> None:
         check_types(self)
         check_value(self.device in DEVICES, "device", self.device, f"choose one of {DEVICES}")
         check_value(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
                f"choose one of {ATTENTION_BACKENDS}")
+        check_value(self.max_graph_batch_size >= 1, "max_graph_batch_size", self.max_graph_batch_size, "must be >= 1")
 
 
 AREAS = {

@@ -16,10 +16,19 @@ the same batch with no swaps, for each ``--mode`` (sync: steps wait for their co
 ``--scenario multiturn``: several multi-turn conversations under priority churn, with the CPU KV reuse store
 off and on: bytes swapped out, bytes a valid host copy saved, tokens computed, prefix tokens reused.
 
+``--scenario bandwidth``: the physical ceiling. Pinned host<->device copy bandwidth against copy size (``--sizes``,
+64 KiB .. 1 GiB in powers of 4), host-to-device and device-to-host each alone, then both at once on two streams;
+median of ``--repeats``. The copies of one measurement are queued behind a short GPU sleep, so the events time the
+copy engines, not Python's launch loop; small sizes run many copies back to back and report the time per copy.
+The ``copy`` scenario measures the same ceiling at ``--ceiling-size`` (1 GiB on a GPU) and reports each
+granularity's bandwidth as a fraction of it. Without a CUDA device both arenas are host memory, so every row is a
+host-to-host memcpy (labelled so): a smoke test, not a ceiling.
+
     python tools/bench_swap.py                       # CPU: both arenas in host memory
     python tools/bench_swap.py --tokens 1024,4096 --json swap.json
     python tools/bench_swap.py --scenario overlap --mode sync,async
     python tools/bench_swap.py --scenario multiturn --mode sync,async
+    python tools/bench_swap.py --scenario bandwidth --json bandwidth.json
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import json
 import random
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +76,160 @@ def measure(copier: KVCopier, out_runs, in_runs, device: torch.device) -> tuple[
     sync(device)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, out.calls + into.calls
+
+
+def parse_size(text: str) -> int:
+    """'64K', '4M', '1G' (binary units) or a plain byte count -> bytes."""
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def format_size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:g} {unit}"
+    return f"{num_bytes} B"
+
+
+DIRECTIONS = ("h2d", "d2h", "both")
+
+
+class CopyBuffers:
+    """Two pinned host buffers and two device buffers of ``max_bytes``: h2d copies host_a -> dev_a, d2h copies
+    dev_b -> host_b, so both directions can run at once without sharing memory. Without CUDA the "device" buffers
+    are host memory too."""
+
+    def __init__(self, max_bytes: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.device = device
+        self.host_a = torch.empty(max_bytes, dtype=torch.uint8, pin_memory=pin)
+        self.host_b = torch.empty(max_bytes, dtype=torch.uint8, pin_memory=pin)
+        self.dev_a = torch.empty(max_bytes, dtype=torch.uint8, device=device)
+        self.dev_b = torch.empty(max_bytes, dtype=torch.uint8, device=device)
+        for buf in (self.host_a, self.host_b, self.dev_a, self.dev_b):
+            buf.fill_(1)  # touch every page before anything is timed
+        self.streams = [torch.cuda.Stream(device), torch.cuda.Stream(device)] if pin else []
+
+    def pairs(self, direction: str, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(dst, src) of each concurrent copy."""
+        h2d = (self.dev_a[:size], self.host_a[:size])
+        d2h = (self.host_b[:size], self.dev_b[:size])
+        return {"h2d": [h2d], "d2h": [d2h], "both": [h2d, d2h]}[direction]
+
+
+def time_copies_cuda(bufs: CopyBuffers, pairs, inner: int) -> list[float]:
+    """Seconds per copy of each concurrent copy stream, timed by events from one common start."""
+    main = torch.cuda.current_stream(bufs.device)
+    torch.cuda.synchronize(bufs.device)
+    if hasattr(torch.cuda, "_sleep"):
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time: every copy is queued before the start event fires
+    start = torch.cuda.Event(enable_timing=True)
+    start.record(main)
+    ends = []
+    for stream, (dst, src) in zip(bufs.streams, pairs):
+        stream.wait_event(start)
+        with torch.cuda.stream(stream):
+            for _ in range(inner):
+                dst.copy_(src, non_blocking=True)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(stream)
+            ends.append(end)
+    torch.cuda.synchronize(bufs.device)
+    return [start.elapsed_time(end) / 1e3 / inner for end in ends]
+
+
+def time_copies_host(pairs, inner: int) -> list[float]:
+    """Host-to-host stand-in: one thread per concurrent copy, wall time from a common start."""
+    barrier = threading.Barrier(len(pairs) + 1)
+    seconds = [0.0] * len(pairs)
+
+    def copy(i: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+        barrier.wait()
+        for _ in range(inner):
+            dst.copy_(src)
+        seconds[i] = (time.perf_counter() - start) / inner
+
+    threads = [threading.Thread(target=copy, args=(i, dst, src)) for i, (dst, src) in enumerate(pairs)]
+    for t in threads:
+        t.start()
+    start = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    return seconds
+
+
+def measure_bandwidth(bufs: CopyBuffers, size: int, direction: str, repeats: int) -> dict:
+    """Median over ``repeats`` (after one warm-up) of the per-copy time of each direction in ``direction``."""
+    inner = max(1, min(64, (256 << 20) // size))  # small copies: many back to back, so timer resolution is no issue
+    pairs = bufs.pairs(direction, size)
+    runs = []
+    for _ in range(repeats + 1):
+        if bufs.device.type == "cuda":
+            runs.append(time_copies_cuda(bufs, pairs, inner))
+        else:
+            runs.append(time_copies_host(pairs, inner))
+    runs = runs[1:]
+    names = ["h2d", "d2h"] if direction == "both" else [direction]
+    per_copy = {name: statistics.median(r[i] for r in runs) for i, name in enumerate(names)}
+    result = {f"{name}_gb_per_s": round(size / s / 1e9, 2) for name, s in per_copy.items()}
+    if direction == "both":  # aggregate: both copies' bytes over the slower one's time
+        result["gb_per_s"] = round(2 * size / max(per_copy.values()) / 1e9, 2)
+    else:
+        result["gb_per_s"] = result.pop(f"{direction}_gb_per_s")
+        result["us_per_copy"] = round(per_copy[direction] * 1e6, 2)
+    return result
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, pinned host memory"
+    return f"cpu ({torch.get_num_threads()} threads), NO CUDA DEVICE: host->host memcpy, not PCIe"
+
+
+def measure_ceiling(device: torch.device, size: int, repeats: int) -> dict:
+    """Host->device and device->host GB/s of ``size``-byte copies: what a swap of that size could reach at best."""
+    bufs = CopyBuffers(size, device)
+    ceiling = {"bytes": size, "h2d_gb_per_s": measure_bandwidth(bufs, size, "h2d", repeats)["gb_per_s"],
+               "d2h_gb_per_s": measure_bandwidth(bufs, size, "d2h", repeats)["gb_per_s"],
+               "kind": "pinned host<->device" if device.type == "cuda" else "host->host memcpy (no CUDA device)"}
+    del bufs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ceiling
+
+
+def scenario_bandwidth(args) -> dict:
+    device = resolve_device(args)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    bufs = CopyBuffers(max(sizes), device)
+    print(f"copy bandwidth on {device_label(device)}; median of {args.repeats}; "
+          f"'both' = h2d and d2h at once on two {'streams' if device.type == 'cuda' else 'threads'}")
+    print(f"{'size':>9} | {'h2d GB/s':>9} {'us/copy':>9} | {'d2h GB/s':>9} {'us/copy':>9} | "
+          f"{'both GB/s':>9} {'(h2d':>7} {'d2h)':>7}")
+    rows = []
+    for size in sizes:
+        row = {"bytes": size, **{d: measure_bandwidth(bufs, size, d, args.repeats) for d in DIRECTIONS}}
+        rows.append(row)
+        h2d, d2h, both = row["h2d"], row["d2h"], row["both"]
+        print(f"{format_size(size):>9} | {h2d['gb_per_s']:>9.2f} {h2d['us_per_copy']:>9.1f} | "
+              f"{d2h['gb_per_s']:>9.2f} {d2h['us_per_copy']:>9.1f} | {both['gb_per_s']:>9.2f} "
+              f"{both['h2d_gb_per_s']:>7.2f} {both['d2h_gb_per_s']:>7.2f}")
+    largest = rows[-1]
+    ceiling = {"bytes": largest["bytes"], "h2d_gb_per_s": largest["h2d"]["gb_per_s"],
+               "d2h_gb_per_s": largest["d2h"]["gb_per_s"], "both_gb_per_s": largest["both"]["gb_per_s"]}
+    print(f"ceiling at {format_size(ceiling['bytes'])}: h2d {ceiling['h2d_gb_per_s']:.2f} GB/s, "
+          f"d2h {ceiling['d2h_gb_per_s']:.2f} GB/s, both at once {ceiling['both_gb_per_s']:.2f} GB/s")
+    return {"device": device_label(device), "host_to_host": device.type != "cuda", "rows": rows, "ceiling": ceiling}
+
+
+def resolve_device(args) -> torch.device:
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return torch.device(args.device)
 
 
 def engine_model(args) -> str:
@@ -168,7 +332,7 @@ def scenario_multiturn(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", default="copy", choices=("copy", "overlap", "multiturn"))
+    ap.add_argument("--scenario", default="copy", choices=("copy", "overlap", "multiturn", "bandwidth"))
     ap.add_argument("--mode", default="sync,async", help="swap modes for overlap / multiturn, comma-separated")
     ap.add_argument("--model", help="checkpoint for overlap / multiturn (default: tiny qwen3, default preset)")
     ap.add_argument("--workdir", default=None, help="where to build the default model (default: a temp dir)")
@@ -187,9 +351,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
     ap.add_argument("--placement", default="contiguous", choices=("contiguous", "scattered"))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", default="64K,256K,1M,4M,16M,64M,256M,1G",
+                    help="bandwidth: copy sizes, comma-separated (K, M, G = KiB, MiB, GiB)")
+    ap.add_argument("--ceiling-size", default=None,
+                    help="copy: size of the copies that measure the ceiling (default 1G on a GPU; on CPU the "
+                         "largest swap of the run)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
+    if args.scenario == "bandwidth":
+        results = scenario_bandwidth(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"scenario": "bandwidth", **results}, indent=2))
+        return
     if args.scenario != "copy":
         import tempfile
 
@@ -201,8 +375,7 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({"scenario": args.scenario, "results": results}, indent=2))
         return
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args)
     tokens = [int(t) for t in args.tokens.split(",")]
     layout = KVLayout(args.layers, args.block_size, args.kv_heads, args.head_dim, args.dtype)
     max_blocks = blocks_for(max(tokens), args.block_size)
@@ -213,11 +386,20 @@ def main() -> None:
     copiers = {g: KVCopier(device_arena, host_arena, g) for g in GRANULARITIES}
     rng = random.Random(0)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    # the physical ceiling, measured now on this machine: a swap out then in at full speed each way
+    ceiling_size = (parse_size(args.ceiling_size) if args.ceiling_size else
+                    1 << 30 if device.type == "cuda" else max_blocks * layout.block_bytes)
+    ceiling = measure_ceiling(device, ceiling_size, args.repeats)
+    ceiling["out_then_in_gb_per_s"] = round(2 / (1 / ceiling["h2d_gb_per_s"] + 1 / ceiling["d2h_gb_per_s"]), 2)
     print(f"device {name}; KV {layout.block_bytes / 2**20:.2f} MiB per block of {args.block_size} tokens "
           f"({args.layers} layers x {args.kv_heads} kv heads x {args.head_dim}, {args.dtype}); "
           f"placement {args.placement}; median of {args.repeats}")
-    print(f"{'tokens':>7} {'MiB':>7} | " + " | ".join(f"{g:^33}" for g in GRANULARITIES))
-    print(f"{'':>7} {'':>7} | " + " | ".join(f"{'calls':>7} {'out ms':>7} {'in ms':>7} {'GB/s':>8}" for _ in GRANULARITIES))
+    print(f"ceiling ({ceiling['kind']}, {format_size(ceiling_size)} copies): h2d {ceiling['h2d_gb_per_s']:.2f} GB/s, "
+          f"d2h {ceiling['d2h_gb_per_s']:.2f} GB/s, so out then in at best {ceiling['out_then_in_gb_per_s']:.2f} GB/s "
+          f"(the 'ceil' column is GB/s as a fraction of that)")
+    print(f"{'tokens':>7} {'MiB':>7} | " + " | ".join(f"{g:^39}" for g in GRANULARITIES))
+    print(f"{'':>7} {'':>7} | " + " | ".join(f"{'calls':>7} {'out ms':>7} {'in ms':>7} {'GB/s':>8} {'ceil':>6}"
+                                             for _ in GRANULARITIES))
     rows = []
     for n_tokens in tokens:
         n = blocks_for(n_tokens, args.block_size)
@@ -239,9 +421,12 @@ def main() -> None:
         for g in GRANULARITIES:
             t_out, t_in = statistics.median(times[g][0]), statistics.median(times[g][1])
             gbps = 2 * num_bytes / (t_out + t_in) / 1e9
+            fraction = gbps / ceiling["out_then_in_gb_per_s"]
             row[g] = {"calls": calls[g], "swap_out_ms": round(t_out * 1e3, 3), "swap_in_ms": round(t_in * 1e3, 3),
-                      "gb_per_s": round(gbps, 2)}
-            cells.append(f"{calls[g]:>7} {t_out * 1e3:>7.2f} {t_in * 1e3:>7.2f} {gbps:>8.2f}")
+                      "gb_per_s": round(gbps, 2), "fraction_of_ceiling": round(fraction, 3),
+                      "out_fraction_of_d2h_ceiling": round(num_bytes / t_out / 1e9 / ceiling["d2h_gb_per_s"], 3),
+                      "in_fraction_of_h2d_ceiling": round(num_bytes / t_in / 1e9 / ceiling["h2d_gb_per_s"], 3)}
+            cells.append(f"{calls[g]:>7} {t_out * 1e3:>7.2f} {t_in * 1e3:>7.2f} {gbps:>8.2f} {fraction:>6.0%}")
         rows.append(row)
         print(f"{n_tokens:>7} {num_bytes / 2**20:>7.0f} | " + " | ".join(cells))
     for row in rows:
@@ -252,7 +437,8 @@ def main() -> None:
                                                        for r in rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "placement": args.placement, "dtype": args.dtype,
-                                               "block_bytes": layout.block_bytes, "rows": rows}, indent=2))
+                                               "block_bytes": layout.block_bytes, "ceiling": ceiling, "rows": rows},
+                                              indent=2))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ class Worker:
             seed=config.model.seed,
             load_format=config.model.load_format,
             tp=tp,
+            enforce_eager=config.device.enforce_eager,
+            max_graph_batch_size=min(config.device.max_graph_batch_size, config.scheduler.max_num_seqs),
+            max_model_len=max_model_len,
         )
         self.layout: KVLayout = self.runner.kv_layout(self.dtype_name)
         self.num_blocks = 0

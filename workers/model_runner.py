@@ -14,6 +14,7 @@ from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
 from ipc.messages import SamplingSpec, ScheduledChunk, StepPlan, StepResult
 from workers.attention import AttentionMetadata, get_backend
+from workers.cuda_graphs import DecodeGraphs
 from workers.kv_arena import allocate_host_arena, allocate_kv_arena
 from workers.loader import load_model
 from workers.models import ForwardContext
@@ -36,7 +37,13 @@ class ModelRunner:
         seed: int,
         tp: TPContext = SINGLE,
         load_format: str = "auto",
+        enforce_eager: bool = True,
+        max_graph_batch_size: int = 0,
+        max_model_len: int = 0,
     ) -> None:
+        """CUDA graphs for decode steps are captured when the device is CUDA, ``enforce_eager`` is off and the
+        attention backend supports them, for batches up to ``max_graph_batch_size`` of up to ``max_model_len``
+        tokens."""
         self.arch = arch
         self.dtype = dtype
         self.device = device
@@ -49,6 +56,11 @@ class ModelRunner:
         self.kv_arena: torch.Tensor | None = None
         self.host_arena: torch.Tensor | None = None
         self.swaps: SwapManager | None = None
+        self.use_cuda_graphs = (device.type == "cuda" and not enforce_eager and max_graph_batch_size > 0
+                                and self.backend_cls.supports_cuda_graphs)
+        self.max_graph_batch_size = max_graph_batch_size
+        self.max_model_len = max_model_len
+        self.graphs: DecodeGraphs | None = None
         self._specs: dict[str, SamplingSpec] = {}
         num_heads = arch.num_heads // tp.size
         self.num_heads = num_heads
@@ -64,6 +76,11 @@ class ModelRunner:
         """``num_host_blocks=0``: no host arena here (none at all, or the swap process owns it)."""
         self.kv_arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device, shared_path)
         self.attn = self.backend_cls(self.kv_arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
+        if self.use_cuda_graphs:
+            self.graphs = DecodeGraphs(self.model, self.attn, max_batch_size=self.max_graph_batch_size,
+                                       max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+                                       block_size=self.block_size)
+            self.graphs.capture()
         if num_host_blocks > 0:
             pin = self.device.type == "cuda"
             self.host_arena = allocate_host_arena(layout, num_host_blocks, self.dtype, pin)
@@ -100,7 +117,10 @@ class ModelRunner:
             self._swap(plan, result)
         if plan.chunks:
             token_ids, positions, meta, sample_rows = self._prepare(plan)
-            hidden = self.model(token_ids, positions, ForwardContext(self.attn, meta))
+            if self.graphs is not None and self.graphs.can_run(meta):
+                hidden = self.graphs.run(token_ids, positions, meta)
+            else:
+                hidden = self.model(token_ids, positions, ForwardContext(self.attn, meta))
             sampled = [c for c in plan.chunks if c.sample]
             if sampled:
                 logits = self.model.compute_logits(hidden[sample_rows])

@@ -87,3 +87,52 @@ def test_shape_configs_describe_the_real_models(tmp_path, monkeypatch, shape):
     kv_bytes_per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 2  # K and V, bfloat16
     expected = {"llama3-8b": 131072, "qwen2.5-32b": 262144}[shape]  # 128 KiB and 256 KiB per token
     assert kv_bytes_per_token == expected
+
+
+def test_bench_swap_bandwidth_measures_the_ceiling_and_copy_reports_against_it(tmp_path, monkeypatch, capsys):
+    import torch
+
+    out = tmp_path / "bandwidth.json"
+    run_tool("bench_swap.py", ["--scenario", "bandwidth", "--sizes", "64K,256K", "--repeats", "1",
+                               "--json", str(out)], monkeypatch)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["bytes"] for r in rows] == [64 << 10, 256 << 10]
+    for row in rows:
+        assert all(row[d]["gb_per_s"] > 0 for d in ("h2d", "d2h", "both"))
+        assert row["both"]["h2d_gb_per_s"] > 0 and row["both"]["d2h_gb_per_s"] > 0
+    ceiling = result["ceiling"]  # the largest size's bandwidth, per direction
+    assert ceiling["bytes"] == 256 << 10 and ceiling["h2d_gb_per_s"] == rows[-1]["h2d"]["gb_per_s"]
+    printed = capsys.readouterr().out
+    assert "ceiling at 256 KiB" in printed
+    if not torch.cuda.is_available():  # no device: host-to-host copies, and the output must not pass them off as PCIe
+        assert result["host_to_host"] and "host->host" in printed
+
+    out = tmp_path / "copy.json"
+    run_tool("bench_swap.py", ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32",
+                               "--tokens", "64,256", "--repeats", "1", "--ceiling-size", "1M", "--json", str(out)],
+             monkeypatch)
+    result = json.loads(out.read_text())
+    assert result["ceiling"]["bytes"] == 1 << 20 and result["ceiling"]["out_then_in_gb_per_s"] > 0
+    for row in result["rows"]:
+        for g in ("group", "block", "block_layer"):
+            assert row[g]["fraction_of_ceiling"] > 0
+            assert row[g]["out_fraction_of_d2h_ceiling"] > 0 and row[g]["in_fraction_of_h2d_ceiling"] > 0
+    assert "ceil" in capsys.readouterr().out
+
+
+def test_bench_decode_compares_graphs_eager_and_transformers(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "decode.json"
+    run_tool("bench_decode.py", ["--preset", "test", "--batches", "1,2", "--prompt-len", "8", "--new-tokens", "8",
+                                 "--repeats", "1", "--json", str(out)], monkeypatch)
+    result = json.loads(out.read_text())
+    assert [r["batch"] for r in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        for name in ("graphs", "eager", "transformers"):
+            assert row[name]["decode_tokens_per_s"] > 0
+        assert row["graphs"]["ms_per_step"] > 0 and row["graphs_vs_eager"] > 0
+        assert row["graphs_vs_transformers"] > 0 and row["eager_vs_transformers"] > 0
+    printed = capsys.readouterr().out
+    if result["device"].startswith("cpu"):  # no graphs: both engine rows run the same code, to the same tokens
+        assert not result["ran"]["graphs"]["cuda_graphs"] and "CUDA graphs are a no-op" in printed
+        assert all(row["identical_outputs"] is True for row in result["rows"])

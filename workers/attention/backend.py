@@ -54,6 +54,14 @@ class AttentionBackend(ABC):
         """Strided views [num_blocks, block_size, num_kv_heads, head_dim] of one layer's K and V."""
         return self.kv_arena[:, layer, 0], self.kv_arena[:, layer, 1]
 
+    supports_cuda_graphs = False
+
+    def for_cuda_graph(self, batch_size: int, max_seq_len: int) -> AttentionBackend:
+        """A backend for decode steps of exactly ``batch_size`` rows of up to ``max_seq_len`` tokens, captured in
+        a CUDA graph: a fixed grid, no host reads of device data, nothing allocated during replay, and any
+        workspace allocated now and kept while the graph lives (see ``workers.cuda_graphs``)."""
+        raise NotImplementedError(f"the {self.name} attention backend cannot be captured in a CUDA graph")
+
     @abstractmethod
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
