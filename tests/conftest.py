@@ -7,13 +7,17 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA the Triton kernels run only in Triton's interpreter, and triton reads this when it is first
+# imported (transformers imports it while tests are collected): set it before anything can
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

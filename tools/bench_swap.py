@@ -253,6 +253,7 @@ def scenario_overlap(args) -> dict:
         per_ballast = blocks_for(args.ballast_tokens + args.steps + 40, 16)
         per_resident = blocks_for(64 + args.steps + 40, 16)
         engine = LLMEngine(model, policy="priority", swap_mode=mode, block_size=16, max_num_seqs=args.batch + 2,
+                           load_format=args.load_format, dtype=args.engine_dtype,
                            num_gpu_blocks=args.batch * per_resident + per_ballast + 4, preemption_cooldown_steps=0)
         for i in range(args.batch):
             engine.add_request(f"r{i}", [rng.randrange(1000) for _ in range(64)], decode, priority=1)
@@ -299,6 +300,7 @@ def scenario_multiturn(args) -> dict:
     for mode in args.mode.split(","):
         for reuse in (False, True):
             engine = LLMEngine(model, policy="priority", swap_mode=mode, enable_kv_reuse=reuse, block_size=16,
+                               load_format=args.load_format, dtype=args.engine_dtype,
                                num_gpu_blocks=2 * blocks_for(longest, 16) + 4, preemption_cooldown_steps=1)
             flips = random.Random(1)
 
@@ -335,6 +337,9 @@ def main() -> None:
     ap.add_argument("--scenario", default="copy", choices=("copy", "overlap", "multiturn", "bandwidth"))
     ap.add_argument("--mode", default="sync,async", help="swap modes for overlap / multiturn, comma-separated")
     ap.add_argument("--model", help="checkpoint for overlap / multiturn (default: tiny qwen3, default preset)")
+    ap.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
+                    help="overlap / multiturn: dummy = seeded random weights from config.json alone")
+    ap.add_argument("--engine-dtype", default="auto", help="overlap / multiturn: the engine's dtype")
     ap.add_argument("--workdir", default=None, help="where to build the default model (default: a temp dir)")
     ap.add_argument("--batch", type=int, default=8, help="overlap: resident requests decoding")
     ap.add_argument("--ballast-tokens", type=int, default=1500, help="overlap: context of each swapped request")

@@ -31,6 +31,13 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 
+# CUDA builds of torch ship Triton; on a CPU-only machine the Triton kernels' tests run in Triton's interpreter,
+# so install it there (pinned: the tests patch one interpreter detail, see tests/unit/test_triton_attention.py)
+if ! "$venv/bin/python" -c "import triton" 2>/dev/null; then
+  echo "[setup] installing triton==3.9.0 (the Triton kernels' tests run in its interpreter on CPU)" >&2
+  pip_install triton==3.9.0
+fi
+
 # reinstall only when the package metadata changed (the install is editable, code changes need nothing)
 stamp="$venv/.fs_engine_installed"
 digest="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"

@@ -51,7 +51,7 @@ class ModelRunner:
         self.tp = tp
         self.model = load_model(model_dir, arch, dtype, device, tp, load_format=load_format, seed=seed)
         self.sampler = Sampler(seed, device)
-        self.backend_cls = get_backend(attention_backend, device)
+        self.backend_cls = get_backend(attention_backend, device, block_size, dtype)
         self.attn = None  # bound to the arena by init_kv_cache
         self.kv_arena: torch.Tensor | None = None
         self.host_arena: torch.Tensor | None = None
