@@ -56,9 +56,8 @@ class ModelRunner:
         self.kv_arena: torch.Tensor | None = None
         self.host_arena: torch.Tensor | None = None
         self.swaps: SwapManager | None = None
-        self.use_cuda_graphs = (device.type == "cuda" and not enforce_eager and max_graph_batch_size > 0
-                                and self.backend_cls.supports_cuda_graphs)
-        self.max_graph_batch_size = max_graph_batch_size
+        captured = device.type == "cuda" and not enforce_eager and self.backend_cls.supports_cuda_graphs
+        self.graph_batch_size = max_graph_batch_size if captured else 0  # 0: every step runs eagerly
         self.max_model_len = max_model_len
         self.graphs: DecodeGraphs | None = None
         self._specs: dict[str, SamplingSpec] = {}
@@ -76,8 +75,8 @@ class ModelRunner:
         """``num_host_blocks=0``: no host arena here (none at all, or the swap process owns it)."""
         self.kv_arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device, shared_path)
         self.attn = self.backend_cls(self.kv_arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
-        if self.use_cuda_graphs:
-            self.graphs = DecodeGraphs(self.model, self.attn, max_batch_size=self.max_graph_batch_size,
+        if self.graph_batch_size > 0:
+            self.graphs = DecodeGraphs(self.model, self.attn, max_batch_size=self.graph_batch_size,
                                        max_blocks_per_seq=-(-self.max_model_len // self.block_size),
                                        block_size=self.block_size)
             self.graphs.capture()
