@@ -19,7 +19,8 @@ COPY_GRANULARITIES = ("group", "block", "block_layer")
 POLICIES = ("fcfs", "priority", "vtc")
 PREEMPTION_MODES = ("swap", "recompute")
 SWAP_MODES = ("async", "sync", "adaptive")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # or "sim:<gpu>": a simulated device (fs_engine.sim)
+SIM_EXECUTE = ("shapes", "model")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
 
@@ -171,7 +172,9 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    device: str = _help("where the model runs: auto = cuda when available, else cpu", default="auto")
+    device: str = _help("where the model runs: auto = cuda when available, else cpu; sim:<gpu> (a10, a100, h100, "
+                        "h200, or a calibrated profile .json) runs the engine in virtual time against that device's "
+                        "cost model", default="auto")
     attention_backend: str = _help(
         "attention implementation: auto (on CUDA: flash_attn when installed and block_size is a multiple of 256, "
         "else triton; on CPU: torch), torch (reference, any device), triton, flash_attn", default="auto")
@@ -179,10 +182,19 @@ class DeviceConfig:
                                 default=False)
     max_graph_batch_size: int = _help("CUDA: largest decode batch captured as a CUDA graph (larger runs eagerly)",
                                       default=256)
+    sim_execute: str = _help("simulated devices: shapes (no weights; sampled tokens are a fixed function of the "
+                             "context) or model (also run the real model on the CPU for the tokens)", default="shapes")
 
     def __post_init__(self) -> None:
         check_types(self)
-        check_value(self.device in DEVICES, "device", self.device, f"choose one of {DEVICES}")
+        if self.device.startswith("sim:"):
+            from fs_engine.sim.devices import get_profile
+
+            get_profile(self.device.removeprefix("sim:"))  # an unknown device fails here, naming the choices
+        else:
+            check_value(self.device in DEVICES, "device", self.device,
+                        f"choose one of {DEVICES}, or sim:<gpu> for a simulated device")
+        check_value(self.sim_execute in SIM_EXECUTE, "sim_execute", self.sim_execute, f"choose one of {SIM_EXECUTE}")
         check_value(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
                f"choose one of {ATTENTION_BACKENDS}")
         check_value(self.max_graph_batch_size >= 1, "max_graph_batch_size", self.max_graph_batch_size, "must be >= 1")

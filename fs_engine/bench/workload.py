@@ -347,15 +347,17 @@ def load_sharegpt(path: str | Path, tokenizer: Tokenizer | None = None,
                   config: WorkloadConfig = WorkloadConfig()) -> Trace:
     """Turn the first ``num_conversations`` usable ShareGPT conversations into a trace.
 
-    Without a tokenizer a message of n characters becomes max(1, round(n / 4)) seeded pseudo ids (about
-    4 characters per token for English). Everything but the lengths comes from ``config`` as in generate().
+    ``path`` is a ShareGPT JSON file, or "auto" for the packaged ShareGPT V3 (see bench.sharegpt). A file
+    cut off mid-record keeps its complete records; those cut off or not ShareGPT format are counted in
+    ``settings["skipped_records"]``. Without a tokenizer a message of n characters becomes max(1, round(n /
+    4)) seeded pseudo ids (about 4 characters per token for English). Everything but the lengths comes from
+    ``config`` as in generate().
     """
-    try:
-        records = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not JSON ({exc}); expected {SHAREGPT_FORMAT}") from exc
-    if not isinstance(records, list):
-        raise ValueError(f"{path} holds a {type(records).__name__}; expected {SHAREGPT_FORMAT}")
+    # imported here, not at the top: bench.sharegpt builds on this module's ShareGPT format
+    from fs_engine.bench.sharegpt import read_sharegpt_records, sharegpt_path
+
+    source = sharegpt_path(path)
+    records, skipped = read_sharegpt_records(source)
     rng = np.random.default_rng(config.seed)
 
     def tokens(text: str) -> list[int] | int:
@@ -365,10 +367,12 @@ def load_sharegpt(path: str | Path, tokenizer: Tokenizer | None = None,
 
     raw: list[list[RawTurn]] = []
     for index, record in enumerate(records):
-        pairs = _sharegpt_pairs(record, index, path)
+        pairs = _sharegpt_pairs(record, index, source)
         if pairs and len(raw) < config.num_conversations:
             raw.append([(tokens(user), min(_length(tokens(reply)), config.max_reply_tokens)) for user, reply in pairs])
     if not raw:
-        raise ValueError(f"{path} has no conversation with a human message followed by a gpt reply")
-    settings = {**dataclasses.asdict(config), "source": str(path), "tokenized": tokenizer is not None}
+        raise ValueError(f"{source} has no conversation with a human message followed by a gpt reply "
+                         f"({len(records)} ShareGPT records, {skipped} skipped as cut off or not ShareGPT format)")
+    settings = {**dataclasses.asdict(config), "source": str(source), "tokenized": tokenizer is not None,
+                "parsed_records": len(records), "skipped_records": skipped}
     return _build_trace(config, raw, rng, settings)

@@ -27,6 +27,10 @@ class InProcessExecutor:
     def check_health(self) -> None:
         """Everything runs in this process: if it is alive, so is the engine."""
 
+    def stats(self) -> dict[str, float]:
+        """Executor-specific counters for ``LLMEngine.stats`` (the simulated executor reports its clock)."""
+        return {}
+
     def shutdown(self) -> None:
         if self.worker is not None:
             self.worker.shutdown()

@@ -15,6 +15,8 @@ from fs_engine.model_config import ModelArch, load_model_arch
 from fs_engine.request import Request, RequestOutput, RequestStatus
 from fs_engine.sampling_params import SamplingParams
 from fs_engine.sched.scheduler import Scheduler
+from fs_engine.sim.clock import WallClock
+from fs_engine.sim.executor import SimExecutor, is_simulated
 from fs_engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 Prompt = str | list[int]
@@ -44,6 +46,15 @@ def resolve_max_model_len(config: EngineConfig, arch: ModelArch) -> int:
     return wanted
 
 
+def _make_executor(config: EngineConfig, arch: ModelArch, max_model_len: int, multiprocess: bool):
+    if is_simulated(config.device.device):
+        if multiprocess:
+            raise ValueError("a simulated device runs in this process; drop multiprocess=True (or the device=sim:...)")
+        return SimExecutor(config, arch, max_model_len)
+    executor_cls = MultiprocExecutor if multiprocess else InProcessExecutor
+    return executor_cls(config, arch, max_model_len)
+
+
 class LLMEngine:
     """``multiprocess=True`` runs the model in a worker process and swaps in a swap process (the deployed
     shape, used by ``fs-engine launch``); the default runs everything in this process."""
@@ -58,8 +69,8 @@ class LLMEngine:
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        executor_cls = MultiprocExecutor if multiprocess else InProcessExecutor
-        self.executor = executor_cls(self.config, self.arch, self.max_model_len)
+        self.executor = _make_executor(self.config, self.arch, self.max_model_len, multiprocess)
+        self.clock = getattr(self.executor, "clock", None) or WallClock()  # the time the engine's steps take
         self.block_size = self.config.cache.block_size
         self.kv = KVCacheManager(self.executor.num_blocks, self.block_size, self.config.cache.block_allocator)
         self.cpu_store = CpuKVStore(self.executor.num_cpu_blocks, self.block_size, self.config.swap.enable_kv_reuse)
@@ -225,6 +236,7 @@ class LLMEngine:
             "max_model_len": self.max_model_len,
             "execute_s": round(self._execute_s, 6),
             "swap_wait_s": round(self._swap_wait_s, 6),
+            **self.executor.stats(),
         }
 
     def check_health(self) -> None:

@@ -158,6 +158,10 @@ class MultiprocExecutor:
         result.execute_s = time.perf_counter() - start
         return result
 
+    def stats(self) -> dict[str, float]:
+        """Executor-specific counters for ``LLMEngine.stats`` (the simulated executor reports its clock)."""
+        return {}
+
     def child_pids(self) -> list[int]:
         return [p.pid for p in (*self.workers, self.swapper) if p.pid is not None]
 

@@ -90,6 +90,8 @@ class Scheduler:
         self.num_reused_prefix_tokens = 0  # prompt tokens taken from earlier turns' KV instead of prefilled
         self.num_reused_resident_tokens = 0  # ... of which a finished turn left on the device (no copy at all)
         self.swap_copies = 0
+        self.swap_commands = 0  # copy commands completed (swap-outs, swap-ins, write-backs)
+        self.swap_s = 0.0  # their durations, as the worker measured them: the context-switch latency
         self.swap_out_bytes = 0
         self.swap_in_bytes = 0
 
@@ -399,6 +401,9 @@ class Scheduler:
             raise RuntimeError(f"KV swap {done.swap_id} failed on the worker, its KV is lost: {done.error}")
         record = self._inflight.pop(done.swap_id)
         self.swap_copies += done.copies
+        if done.copies:
+            self.swap_commands += 1
+            self.swap_s += done.seconds
         if record.kind == "in":
             self.swap_in_bytes += done.bytes
         else:
@@ -488,6 +493,8 @@ class Scheduler:
             "num_recomputed_tokens": self.num_recomputed_tokens,
             "num_recompute_fallbacks": self.num_recompute_fallbacks,
             "swap_copies": self.swap_copies,
+            "swap_commands": self.swap_commands,
+            "swap_s": round(self.swap_s, 6),
             "swap_out_bytes": self.swap_out_bytes,
             "swap_in_bytes": self.swap_in_bytes,
             "reused_swap_out_blocks": self.num_reused_swap_out_blocks,
