@@ -173,6 +173,24 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from fs_engine.bench.calibrate import run_calibration, validation_table
+
+    result = run_calibration(args.model, args.out, engine_kwargs(args), quick=args.quick, validate=args.validate,
+                             progress=args.progress)
+    report = result["report"]
+    print(f"wrote {result['profile']} ({report['measured_steps']} steps and {report['measured_copies']} copies "
+          f"measured in {report['seconds']:.0f} s)")
+    print(f"  step-time fit: median error {report['step_fit_median_error']:.1%}, "
+          f"p90 {report['step_fit_p90_error']:.1%}; copies {report['copy_bandwidth_gb_s']:.2f} GB/s + "
+          f"{report['copy_latency_s'] * 1e6:.1f} us per call (median error {report['copy_fit_median_error']:.1%}), "
+          f"duplex {report['duplex_factor']:.2f}, interference {report['copy_interference']:.2f}")
+    if "validation" in result:
+        print("real vs simulated on this machine:")
+        print(validation_table(result["validation"]))
+    return 0
+
+
 def _step_log(args: argparse.Namespace, engine: Any) -> bool:
     if not args.step_log:
         return False
@@ -222,7 +240,16 @@ def build_parser(prog: str = "fs-engine bench") -> argparse.ArgumentParser:
     _add_engine_args(ablate)
     _add_slo_args(ablate)
     ablate.set_defaults(func=cmd_ablate)
-    for p in (run, ablate):
+    calibrate = sub.add_parser("calibrate", allow_abbrev=False,
+                               help="fit this machine's device profile, then replay one trace for real and simulated")
+    calibrate.add_argument("--out", required=True, help="directory for profile.json, calibration.json, validation.md")
+    calibrate.add_argument("--quick", action="store_true", help="a smaller measurement grid (tests)")
+    calibrate.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
+                           help="replay the validation trace for real and simulated (default: on)")
+    calibrate.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    add_engine_args(calibrate)
+    calibrate.set_defaults(func=cmd_calibrate)
+    for p in (run, ablate, calibrate):
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when it is a terminal)")
     return parser

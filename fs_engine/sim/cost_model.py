@@ -104,7 +104,9 @@ class ModelShape:
 
 
 def gemm_time(flops: float, num_bytes: float, profile: DeviceProfile, compute_eff: float, memory_eff: float) -> float:
-    return max(flops / (profile.peak_flops * compute_eff), num_bytes / (profile.memory_bw * memory_eff))
+    compute = flops / (profile.peak_flops * compute_eff)
+    memory = num_bytes / (profile.memory_bw * memory_eff)
+    return compute + memory if profile.serial else max(compute, memory)
 
 
 # ---- Vidur's profiles ------------------------------------------------------------------------------------
@@ -210,6 +212,9 @@ class CostModel:
         self.kv_dtype_bytes = kv_dtype_bytes or profile.dtype_bytes
         self.vidur = find_vidur_profile(profile.vidur_gpu, shape)
         fitted = fitted_efficiency(profile.vidur_gpu) if profile.vidur_gpu else None
+        if fitted is None and None in (profile.gemm_compute_eff, profile.gemm_memory_eff):
+            raise ValueError(f"device profile {profile.name!r} names no vidur_gpu to fit GEMM efficiencies from; "
+                             f"set gemm_compute_eff and gemm_memory_eff")
         self.eff = Efficiency(
             profile.gemm_compute_eff if profile.gemm_compute_eff is not None else fitted.gemm_compute,
             profile.gemm_memory_eff if profile.gemm_memory_eff is not None else fitted.gemm_memory,
@@ -235,21 +240,31 @@ class CostModel:
             return self.vidur.linear_s(tokens)
         return self.roofline_linear_s(tokens)
 
+    @property
+    def _reference(self) -> bool:
+        return self.profile.attention_kernel == "reference"
+
     def attention_flops(self, query_lens: list[int], context_lens: list[int]) -> float:
-        """QK^T and PV of one layer, causal within each chunk."""
+        """QK^T and PV of one layer, causal within each chunk (the reference kernel computes the masked half too)."""
         s = self.shape
+        if self._reference:
+            return sum(4.0 * s.heads * s.head_dim * q * c for q, c in zip(query_lens, context_lens))
         return sum(4.0 * s.heads * s.head_dim * q * ((c - q) + (q + 1) / 2) for q, c in zip(query_lens, context_lens))
 
     def attention_bytes(self, query_lens: list[int], context_lens: list[int]) -> float:
-        """One layer reads every context token's K and V, and reads Q and writes O of the new tokens."""
+        """One layer reads every context token's K and V, and reads Q and writes O of the new tokens (the
+        reference kernel reads every decode row's table up to the longest context)."""
         s = self.shape
-        kv = sum(context_lens) * 2 * s.kv_heads * s.head_dim * self.kv_dtype_bytes
+        decode_only = all(q == 1 for q in query_lens)
+        kv_tokens = len(context_lens) * max(context_lens) if self._reference and decode_only else sum(context_lens)
+        kv = kv_tokens * 2 * s.kv_heads * s.head_dim * self.kv_dtype_bytes
         return kv + sum(query_lens) * 2 * s.heads * s.head_dim * self.dtype_bytes
 
     def attention_s(self, query_lens: list[int], context_lens: list[int]) -> float:
         p = self.profile
-        return max(self.attention_flops(query_lens, context_lens) / (p.peak_flops * p.attn_compute_eff),
-                   self.attention_bytes(query_lens, context_lens) / (p.memory_bw * p.attn_memory_eff))
+        compute = self.attention_flops(query_lens, context_lens) / (p.peak_flops * p.attn_compute_eff)
+        memory = self.attention_bytes(query_lens, context_lens) / (p.memory_bw * p.attn_memory_eff)
+        return compute + memory if p.serial else max(compute, memory)
 
     def lm_head_s(self, num_sampled: int) -> float:
         return self.gemm_s(num_sampled, self.shape.hidden, self.shape.vocab // self.shape.tp) if num_sampled else 0.0
@@ -276,7 +291,33 @@ class CostModel:
     def step_s(self, step: StepShape) -> float:
         p = self.profile
         host = p.step_host_s + p.seq_host_s * len(step.query_lens)
-        return host + max(self.device_s(step), self.launch_s(step))
+        if self._reference and any(q > 1 for q in step.query_lens):
+            host += p.chunk_loop_s * len(step.query_lens)
+        device, launch = self.device_s(step), self.launch_s(step)
+        return host + (device + launch if p.serial else max(device, launch))
+
+    def features(self, step: StepShape) -> dict[str, float]:
+        """A serial device's step time is linear in these, with one coefficient each (``bench calibrate`` fits
+        them): ``step_s == sum(coefficient[k] * features[k])``, see ``serial_profile``."""
+        s, rows = self.shape, step.graph_batch or step.num_tokens
+        b = self.dtype_bytes
+        gemm_flops = s.num_layers * sum(2 * rows * k * n for k, n in s.gemms().values())
+        gemm_bytes = s.num_layers * sum(b * (k * n + rows * k + rows * n) for k, n in s.gemms().values())
+        elementwise = s.num_layers * sum(LAYER_OPS[op] * rows * per_token
+                                         for op, per_token in s.elementwise_bytes_per_token(b).items())
+        head = step.graph_batch or step.num_sampled
+        head_flops = 2 * head * s.hidden * (s.vocab // s.tp) if head else 0
+        head_bytes = b * (s.hidden * (s.vocab // s.tp) + head * s.hidden + head * s.vocab // s.tp) if head else 0
+        prefills = any(q > 1 for q in step.query_lens)
+        return {
+            "step": 1.0,
+            "seqs": float(len(step.query_lens)),
+            "prefill_chunks": float(len(step.query_lens)) if prefills and self._reference else 0.0,
+            "gemm_flops": float(gemm_flops + head_flops),
+            "bytes": float(gemm_bytes + elementwise + head_bytes + rows * s.hidden * b * 2),
+            "attn_flops": s.num_layers * self.attention_flops(step.query_lens, step.context_lens),
+            "attn_bytes": s.num_layers * self.attention_bytes(step.query_lens, step.context_lens),
+        }
 
     # ---- copies ----
     def copy_device_s(self, num_calls: int, num_bytes: int) -> float:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GB = 1e9
+ATTENTION_KERNELS = ("paged", "reference")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,13 @@ class DeviceProfile:
     activation_overhead_bytes: int = 1 << 30  # *estimate*: CUDA context, cuBLAS workspaces, graphs' pool
     graphs: bool = True  # decode steps replay CUDA graphs (unless enforce_eager)
     dtype_bytes: int = 2  # weights and KV in fp16/bf16
+    # ---- how the device executes (GPUs: the defaults; a CPU calibrated by bench calibrate: the others) ----
+    serial: bool = False  # True: an operation's arithmetic and memory traffic add up instead of overlapping,
+    # and kernels launch inline (a CPU running the eager model); False: rooflines, launches hidden behind work
+    attention_kernel: str = "paged"  # paged: reads each context once, skips masked work (the Triton / flash
+    # kernels); reference: the torch backend, which pads decode rows to the longest context, computes masked
+    # prefill scores in full and loops over the chunks of any step that prefills
+    chunk_loop_s: float = 0.0  # reference kernel: cost per chunk of a step that prefills (its Python loop)
 
     def with_updates(self, **changes) -> DeviceProfile:
         return dataclasses.replace(self, **changes)
@@ -82,6 +90,13 @@ class DeviceProfile:
         if unknown:
             raise ValueError(f"{path}: unknown device profile fields {unknown}; expected {sorted(known)}")
         return cls(**data)
+
+    def __post_init__(self) -> None:
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel={self.attention_kernel!r}: choose one of {ATTENTION_KERNELS}")
+        for name in ("peak_flops", "memory_bw", "pcie_bw", "duplex_factor", "attn_compute_eff", "attn_memory_eff"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"device profile {self.name!r}: {name}={getattr(self, name)!r} must be > 0")
 
 
 _PCIE4 = dict(pcie_bw=25 * GB, dma_latency_s=2.5e-6, submit_s=2e-6, duplex_factor=0.834)  # S2, S3, S4

@@ -165,3 +165,27 @@ def test_profiles_round_trip_and_unknown_names_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="bogus"):
         get_profile(str(path))
     assert math.isclose(PROFILES["h200"].memory_bw, 4800e9)
+
+
+def test_a_serial_profile_is_exactly_linear_in_the_features():
+    """bench calibrate fits coefficients of CostModel.features; the profile it writes must reproduce them."""
+    from fs_engine.sim.calibrate import FEATURES, serial_profile
+
+    coefficients = dict(zip(FEATURES, (2e-3, 1e-4, 5e-3, 1e-10, 1e-9, 5e-11, 7e-10)))
+    base = toy_profile(dtype_bytes=4, kernels_per_layer=0)
+    profile = serial_profile("cpu", coefficients, base)
+    cost = CostModel(profile, LLAMA3_8B)
+    for step in (StepShape([1] * 5, [40, 300, 7, 1000, 64], 5), StepShape([256], [256], 1),
+                 StepShape([1, 1, 128], [50, 60, 300], 3), StepShape([33], [100], 0)):
+        features = cost.features(step)
+        assert cost.step_s(step) == pytest.approx(sum(coefficients[k] * features[k] for k in FEATURES), rel=1e-9)
+
+
+def test_nnls_keeps_coefficients_non_negative():
+    from fs_engine.sim.calibrate import fit_copies, nnls
+
+    a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert nnls(a, np.array([1.0, -1.0, 0.0])).tolist() == pytest.approx([0.5, 0.0])
+    copies = [(calls, n, calls * 3e-6 + n / 5e9) for calls, n in ((1, 1 << 20), (64, 1 << 21), (1, 1 << 26), (512, 1 << 24))]
+    latency, bandwidth = fit_copies(copies)
+    assert latency == pytest.approx(3e-6) and bandwidth == pytest.approx(5e9)
