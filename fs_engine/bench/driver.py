@@ -33,7 +33,7 @@ COUNTERS = ("num_steps", "num_batched_tokens", "num_prompt_tokens", "num_generat
             "reused_swap_out_bytes", "reused_swap_out_blocks", "reused_prefix_tokens", "reused_resident_tokens",
             "num_recomputed_tokens", "num_recompute_fallbacks", "cpu_store_hits", "cpu_store_evictions",
             "resident_evictions", "sim_forward_s", "sim_stall_s", "sim_idle_s", "sim_steps", "sim_copy_out_busy_s",
-            "sim_copy_in_busy_s", "sim_time_s")
+            "sim_copy_in_busy_s", "sim_time_s", "wall_frontend_s")
 
 
 @dataclass

@@ -24,7 +24,7 @@ PERCENTILES = (50, 95, 99, 99.9)
 ENGINE_KEYS = (
     "num_preemptions", "num_swap_outs", "num_swap_ins", "swap_out_bytes", "swap_in_bytes",
     "reused_swap_out_bytes", "reused_prefix_tokens", "reused_resident_tokens", "swap_wait_s", "num_recomputed_tokens",
-    "swap_copies", "swap_commands", "swap_s", "sim_stall_s", "sim_time_s",
+    "swap_copies", "swap_commands", "swap_s", "sim_stall_s", "sim_time_s", "sim_steps", "wall_frontend_s",
 )
 
 

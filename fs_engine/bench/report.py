@@ -43,7 +43,7 @@ METRIC_ROWS: list[tuple[str, tuple[str, ...], Better]] = [
     ("Swap-in (MB)", ("engine", "swap_in_bytes"), "lower"),
     ("History tokens reused", ("engine", "reused_prefix_tokens"), None),
     ("... still on the device", ("engine", "reused_resident_tokens"), None),
-    ("Swap wait (s)", ("engine", "swap_wait_s"), "lower"),
+    ("Swap stall time (s)", ("engine", "swap_wait_s"), "lower"),
     ("Mean swap latency (ms)", ("engine", "mean_swap_ms"), "lower"),
     ("Recomputed tokens", ("engine", "num_recomputed_tokens"), "lower"),
 ]

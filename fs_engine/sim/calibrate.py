@@ -63,7 +63,7 @@ def serial_profile(name: str, coefficients: dict[str, float], base: DeviceProfil
     relative to those."""
     c = {k: max(v, TINY) for k, v in coefficients.items()}
     return base.with_updates(
-        name=name, serial=True, attention_kernel="reference", graphs=False, vidur_gpu=None,
+        name=name, serial=True, vidur_gpu=None,
         peak_flops=1 / c["gemm_flops"], memory_bw=1 / c["bytes"], gemm_compute_eff=1.0, gemm_memory_eff=1.0,
         attn_compute_eff=c["gemm_flops"] / c["attn_flops"], attn_memory_eff=c["bytes"] / c["attn_bytes"],
         step_host_s=coefficients["step"], seq_host_s=coefficients["seqs"], chunk_loop_s=coefficients["prefill_chunks"],
@@ -177,7 +177,7 @@ def measure_copies(copier: Any, num_blocks: int, num_layers: int, quick: bool = 
 
     copies = []
     small = KVCopier(copier.device_arena, copier.host_arena, "block_layer")
-    sizes = [n for n in (1, 4, 16, 64, 256) if n <= num_blocks] if not quick else [n for n in (1, 16, 64) if n <= num_blocks]
+    sizes = [n for n in ((1, 16, 64) if quick else (1, 4, 16, 64, 256)) if n <= num_blocks]
     for who in (copier, small):
         for n in sizes:
             for direction in ("out", "in"):
@@ -249,10 +249,13 @@ def calibrate(engine: Any, name: str = "cpu", quick: bool = False, seed: int = 0
     shape = ModelShape.from_arch(engine.arch)
     dtype_bytes = engine.executor.layout.block_bytes // (engine.arch.num_layers * 2 * engine.block_size
                                                          * engine.arch.num_kv_heads * engine.arch.head_dim)
+    runner = engine.executor.worker.runner
+    # the torch backend pads and loops (the reference kernel); Triton and flash-attn read each context once
+    kernel = "reference" if runner.backend_cls.name == "torch" else "paged"
     base = DeviceProfile(name, 0, 1.0, 1.0, None, pcie_bw=1.0, dma_latency_s=0.0, submit_s=0.0, duplex_factor=1.0,
-                         attn_compute_eff=1.0, attn_memory_eff=1.0, serial=True, attention_kernel="reference",
-                         graphs=False, dtype_bytes=dtype_bytes, kernels_per_layer=0, activation_overhead_bytes=0,
-                         gemm_compute_eff=1.0, gemm_memory_eff=1.0)
+                         attn_compute_eff=1.0, attn_memory_eff=1.0, serial=True, attention_kernel=kernel,
+                         graphs=runner.graph_batch_size > 0, dtype_bytes=dtype_bytes, kernels_per_layer=0,
+                         activation_overhead_bytes=0, gemm_compute_eff=1.0, gemm_memory_eff=1.0)
     started = time.perf_counter()
     samples = measure_steps(engine, rng, quick)
     coefficients = fit_steps(samples, shape, CostModel(base, shape))

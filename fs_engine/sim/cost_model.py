@@ -36,15 +36,12 @@ from importlib import resources
 import numpy as np
 
 from fs_engine.model_config import ModelArch
-from fs_engine.sim.devices import DeviceProfile
+from fs_engine.sim.devices import VIDUR_PEAKS, DeviceProfile
 
 OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
        "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")
 LAYER_OPS = {op: (2 if op == "add" else 1) for op in OPS if op != "emb"}  # two residual adds per layer
 GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj")
-# the datasheet peaks (devices.py, S1) of the GPUs Vidur profiled: its times as fractions of these carry over
-# to another GPU of the family (A10 <- A40, H200 <- H100) as the same fractions of that GPU's own peaks
-VIDUR_PEAKS = {"a40": (150e12, 696e9), "a100": (312e12, 2039e9), "h100": (989e12, 3350e9)}
 COMPUTE_BOUND_TOKENS = 4096  # GEMMs with at least this many rows are compute-bound on every profiled GPU
 MEMORY_BOUND_TOKENS = 8  # ... and with at most this many, weight-read-bound
 
@@ -280,7 +277,8 @@ class CostModel:
         rows = step.graph_batch or step.num_tokens  # a graph computes its padded rows too
         query_lens, context_lens = step.query_lens, step.context_lens
         per_layer = self.linear_s(rows) + self.attention_s(query_lens, context_lens)
-        return self.shape.num_layers * per_layer + self.emb_s(rows) + self.lm_head_s(step.graph_batch or step.num_sampled)
+        head_rows = step.graph_batch or step.num_sampled
+        return self.shape.num_layers * per_layer + self.emb_s(rows) + self.lm_head_s(head_rows)
 
     def launch_s(self, step: StepShape) -> float:
         p = self.profile

@@ -99,6 +99,10 @@ class DeviceProfile:
                 raise ValueError(f"device profile {self.name!r}: {name}={getattr(self, name)!r} must be > 0")
 
 
+# the datasheet peaks (S1) of the GPUs Vidur profiled: its times as fractions of these carry over to another
+# GPU of the family (A10 <- A40, H200 <- H100) as the same fractions of that GPU's own peaks (S5)
+VIDUR_PEAKS = {"a40": (150e12, 696 * GB), "a100": (312e12, 2039 * GB), "h100": (989e12, 3350 * GB)}
+
 _PCIE4 = dict(pcie_bw=25 * GB, dma_latency_s=2.5e-6, submit_s=2e-6, duplex_factor=0.834)  # S2, S3, S4
 _PCIE5 = dict(pcie_bw=50 * GB, dma_latency_s=2e-6, submit_s=2e-6, duplex_factor=0.834)  # S3, S4
 

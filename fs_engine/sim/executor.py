@@ -23,6 +23,7 @@ model's own; the timing stays simulated.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 from fs_engine.config import EngineConfig
@@ -118,7 +119,11 @@ class SimExecutor:
             self.model_worker = self._start_model_worker(config, arch, max_model_len)
         self.record_steps = False  # True: keep one row per step in ``steps`` (the simulation's trace)
         self.steps: list[dict] = []
-        self._stats = dict.fromkeys(("sim_forward_s", "sim_stall_s", "sim_idle_s", "sim_steps"), 0.0)
+        # wall_frontend_s is measured, not simulated: what the scheduler and the driver cost this machine per
+        # step, beside the profile's modelled step_host_s (it is the one figure that differs between runs)
+        self._stats = dict.fromkeys(("sim_forward_s", "sim_stall_s", "sim_idle_s", "wall_frontend_s"), 0.0)
+        self._stats["sim_steps"] = 0
+        self._left_at: float | None = None
 
     def _start_model_worker(self, config: EngineConfig, arch: ModelArch, max_model_len: int):
         from workers.gpu_worker import Worker
@@ -132,6 +137,9 @@ class SimExecutor:
 
     # ---- one step ----------------------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepResult:
+        entered = time.perf_counter()
+        if self._left_at is not None:  # the frontend's real host work since the last step (not virtual time)
+            self._stats["wall_frontend_s"] += entered - self._left_at
         t = start = self.clock.now()
         result = StepResult(step_id=plan.step_id)
         if self.model_worker is not None:
@@ -158,6 +166,7 @@ class SimExecutor:
         result.swap_wait_s = stall
         result.execute_s = t - start
         self._account(plan, start, t, forward, stall)
+        self._left_at = time.perf_counter()
         return result
 
     def _submit(self, command: SwapCommand, t: float) -> float:

@@ -48,7 +48,9 @@ def test_shapes_only_runs_are_deterministic_and_identical_across_preemption_mode
     first, _ = replay(model, device="sim:h100")
     second, _ = replay(model, device="sim:h100")
     assert [r.token_times for r in first.records] == [r.token_times for r in second.records]
-    assert first.engine_stats == second.engine_stats
+    measured = {"wall_frontend_s"}  # this machine's real host time per step: the one figure that may differ
+    assert {k: v for k, v in first.engine_stats.items() if k not in measured} == {
+        k: v for k, v in second.engine_stats.items() if k not in measured}
     recompute, _ = replay(model, device="sim:h100", preemption_mode="recompute")
     assert recompute.replies == first.replies  # preemption changes when a token arrives, never which
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from fs_engine.sim.cost_model import (
-    VIDUR_PEAKS,
     CostModel,
     ModelShape,
     StepShape,
@@ -15,7 +14,7 @@ from fs_engine.sim.cost_model import (
     fitted_efficiency,
     vidur_profiles,
 )
-from fs_engine.sim.devices import PROFILES, DeviceProfile, get_profile
+from fs_engine.sim.devices import PROFILES, VIDUR_PEAKS, DeviceProfile, get_profile
 
 LLAMA3_8B = ModelShape(32, 4096, 14336, 32, 8, 128, 128256)
 QWEN25_32B = ModelShape(64, 5120, 27648, 40, 8, 128, 152064)
@@ -186,6 +185,7 @@ def test_nnls_keeps_coefficients_non_negative():
 
     a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     assert nnls(a, np.array([1.0, -1.0, 0.0])).tolist() == pytest.approx([0.5, 0.0])
-    copies = [(calls, n, calls * 3e-6 + n / 5e9) for calls, n in ((1, 1 << 20), (64, 1 << 21), (1, 1 << 26), (512, 1 << 24))]
+    shapes = ((1, 1 << 20), (64, 1 << 21), (1, 1 << 26), (512, 1 << 24))
+    copies = [(calls, n, calls * 3e-6 + n / 5e9) for calls, n in shapes]
     latency, bandwidth = fit_copies(copies)
     assert latency == pytest.approx(3e-6) and bandwidth == pytest.approx(5e9)
