@@ -15,6 +15,7 @@ or less early in a run changes which requests are preempted later.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -46,43 +47,75 @@ def _get(summary: dict, path: tuple[str, ...]) -> float | None:
     return None if summary is None else float(summary)
 
 
-def compare(real: dict, simulated: dict) -> list[dict[str, Any]]:
+def _error(reference: float | None, value: float | None) -> float | None:
+    if reference is None or value is None:
+        return None
+    return 0.0 if reference == value else abs(value - reference) / max(abs(reference), 1e-12)
+
+
+def compare(real: dict, simulated: dict, real_again: dict | None = None) -> list[dict[str, Any]]:
+    """Per checked metric: the simulation's relative error against the real run and, given a second real run
+    of the same trace, the real runs' own difference (what this machine's noise alone moves the figure)."""
     rows = []
     for label, path, tolerance in CHECKS:
         r, s = _get(real, path), _get(simulated, path)
-        error = None if r is None or s is None else (0.0 if r == s else abs(s - r) / max(abs(r), 1e-12))
-        rows.append({"metric": label, "real": r, "simulated": s, "error": error, "tolerance": tolerance,
+        again = _get(real_again, path) if real_again is not None else None
+        error = _error(r, s)
+        rows.append({"metric": label, "real": r, "real_again": again, "simulated": s, "error": error,
+                     "run_to_run": _error(r, again), "tolerance": tolerance,
                      "ok": error is not None and error <= tolerance})
     return rows
 
 
+def _fmt(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1%}" if percent else f"{value:.4g}"
+
+
 def validation_table(results: dict[str, list[dict[str, Any]]]) -> str:
-    lines = ["| config | metric | real | simulated | error | tolerance | |", "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| config | metric | real | real, again | simulated | sim error | run-to-run | tolerance | |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for config, rows in results.items():
         for row in rows:
-            real = "n/a" if row["real"] is None else f"{row['real']:.4g}"
-            sim = "n/a" if row["simulated"] is None else f"{row['simulated']:.4g}"
-            err = "n/a" if row["error"] is None else f"{row['error']:.1%}"
-            lines.append(f"| {config} | {row['metric']} | {real} | {sim} | {err} | {row['tolerance']:.0%} | "
-                         f"{'ok' if row['ok'] else 'OFF'} |")
+            lines.append(f"| {config} | {row['metric']} | {_fmt(row['real'])} | {_fmt(row['real_again'])} | "
+                         f"{_fmt(row['simulated'])} | {_fmt(row['error'], True)} | {_fmt(row['run_to_run'], True)} | "
+                         f"{row['tolerance']:.0%} | {'ok' if row['ok'] else 'OFF'} |")
     return "\n".join(lines) + "\n"
 
 
 def run_calibration(model: str | None, out_dir: str | Path, engine_args: dict[str, Any], quick: bool = False,
                     validate: bool = True, configs: tuple[str, ...] = ("baseline", "reuse"),
                     progress: bool | None = None, trace_config: WorkloadConfig = VALIDATION_TRACE,
-                    validation_engine: dict[str, Any] | None = None) -> dict[str, Any]:
+                    validation_engine: dict[str, Any] | None = None, threads: int = 1) -> dict[str, Any]:
     """Calibrate, write profile.json and calibration.json into ``out_dir``; with ``validate``, replay
-    ``trace_config``'s trace per config for real and simulated and write validation.md / .json."""
-    from fs_engine.bench.ablation import ALIASES, run_config
+    ``trace_config``'s trace per config for real and simulated and write validation.md / .json.
+
+    ``threads``: torch's intra-op threads for the real engine while measuring and replaying. One by default:
+    on this shared 2-vCPU machine a second compute thread made steps 1.2-6x slower and 5x noisier (the
+    hypervisor steals about a third of the second vCPU's time, and both threads wait for the slower one),
+    and it leaves the other core to the copy threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from fs_engine.bench.ablation import ALIASES, CONFIGS, run_config
     from fs_engine.engine.llm_engine import LLMEngine
-    from fs_engine.sim.calibrate import calibrate
+    from fs_engine.sim.calibrate import calibrate, measure_serving
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # a real serving replay (its own seed: the validation below replays another trace) ...
+    serving_engine = LLMEngine(model, **{**(VALIDATION_ENGINE if validation_engine is None else validation_engine),
+                                         **engine_args, **CONFIGS[ALIASES["reuse"]]})
+    try:
+        serving = measure_serving(serving_engine, generate(dataclasses.replace(trace_config,
+                                                                               seed=trace_config.seed + 1)))
+    finally:
+        serving_engine.shutdown()
+    # ... and a grid of uniform steps and copies, fitted together
     engine = LLMEngine(model, **engine_args)
     try:
-        cal = calibrate(engine, name="cpu", quick=quick)
+        cal = calibrate(engine, name="cpu", quick=quick, serving=serving)
     finally:
         engine.shutdown()
     profile_path = out / "profile.json"
@@ -92,7 +125,7 @@ def run_calibration(model: str | None, out_dir: str | Path, engine_args: dict[st
         "steps": [{**asdict(s.shape), "seconds": s.seconds} for s in cal.steps],
         "copies": [{"calls": c, "bytes": b, "seconds": t} for c, b, t in cal.copies],
     }, indent=1) + "\n")
-    result: dict[str, Any] = {"profile": str(profile_path), "report": cal.report}
+    result: dict[str, Any] = {"profile": str(profile_path), "report": {**cal.report, "torch_threads": threads}}
     if not validate:
         return result
     trace = generate(trace_config)
@@ -101,7 +134,8 @@ def run_calibration(model: str | None, out_dir: str | Path, engine_args: dict[st
     for alias in configs:
         name = ALIASES[alias]
         summaries = []
-        for device_args in ({}, {"device": f"sim:{profile_path}"}):
+        # real, simulated, real again: the second real run measures how much the machine alone moves a figure
+        for device_args in ({}, {"device": f"sim:{profile_path}"}, {}):
             run = run_config(model, trace, name, {**args, **device_args}, progress)
             summaries.append(summarize(run.records, run.duration_s, trace.tenant_weights,
                                        engine_stats=run.engine_stats))

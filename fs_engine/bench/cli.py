@@ -177,7 +177,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from fs_engine.bench.calibrate import run_calibration, validation_table
 
     result = run_calibration(args.model, args.out, engine_kwargs(args), quick=args.quick, validate=args.validate,
-                             progress=args.progress)
+                             progress=args.progress, threads=args.threads)
     report = result["report"]
     print(f"wrote {result['profile']} ({report['measured_steps']} steps and {report['measured_copies']} copies "
           f"measured in {report['seconds']:.0f} s)")
@@ -244,6 +244,8 @@ def build_parser(prog: str = "fs-engine bench") -> argparse.ArgumentParser:
                                help="fit this machine's device profile, then replay one trace for real and simulated")
     calibrate.add_argument("--out", required=True, help="directory for profile.json, calibration.json, validation.md")
     calibrate.add_argument("--quick", action="store_true", help="a smaller measurement grid (tests)")
+    calibrate.add_argument("--threads", type=int, default=1,
+                           help="torch compute threads while measuring and replaying (default 1: steadier here)")
     calibrate.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                            help="replay the validation trace for real and simulated (default: on)")
     calibrate.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")

@@ -26,7 +26,7 @@ import numpy as np
 from fs_engine.sim.cost_model import CostModel, ModelShape, StepShape
 from fs_engine.sim.devices import DeviceProfile
 
-FEATURES = ("step", "seqs", "prefill_chunks", "gemm_flops", "bytes", "attn_flops", "attn_bytes")
+FEATURES = ("step", "seqs", "prefill_chunks", "async_commands", "gemm_flops", "bytes", "attn_flops", "attn_bytes")
 TINY = 1e-18  # a coefficient the fit set to zero: that cost is negligible, not free to divide by
 
 
@@ -67,7 +67,7 @@ def serial_profile(name: str, coefficients: dict[str, float], base: DeviceProfil
         peak_flops=1 / c["gemm_flops"], memory_bw=1 / c["bytes"], gemm_compute_eff=1.0, gemm_memory_eff=1.0,
         attn_compute_eff=c["gemm_flops"] / c["attn_flops"], attn_memory_eff=c["bytes"] / c["attn_bytes"],
         step_host_s=coefficients["step"], seq_host_s=coefficients["seqs"], chunk_loop_s=coefficients["prefill_chunks"],
-        kernels_per_layer=0,
+        async_command_host_s=coefficients["async_commands"], kernels_per_layer=0,
     )
 
 
@@ -103,7 +103,40 @@ class _PlanRecorder:
 
 def _shape_of(plan) -> StepShape:
     return StepShape([len(c.token_ids) for c in plan.chunks], [c.start_pos + len(c.token_ids) for c in plan.chunks],
-                     sum(1 for c in plan.chunks if c.sample))
+                     sum(1 for c in plan.chunks if c.sample), async_commands=sum(1 for c in plan.swaps if not c.wait))
+
+
+def measure_serving(engine: Any, trace: Any) -> list[StepSample]:
+    """Every step of a real replay of ``trace``: mixed contexts, preemption, copies in flight, a scheduler with
+    many live requests, which the grid of uniform steps does not show. A step's time excludes what it waited
+    for synchronous swaps (the simulator models those stalls itself)."""
+    from fs_engine.bench.driver import run_in_process
+
+    samples: list[StepSample] = []
+    execute = engine.executor.execute
+    step = engine.step
+    last: dict[str, Any] = {}
+
+    def recording_execute(plan):
+        result = execute(plan)
+        last.update(plan=plan, wait=result.swap_wait_s)
+        return result
+
+    def timed_step():
+        last.clear()
+        start = time.perf_counter()
+        outputs = step()
+        seconds = time.perf_counter() - start
+        if last and last["plan"].chunks:
+            samples.append(StepSample(_shape_of(last["plan"]), seconds - last["wait"]))
+        return outputs
+
+    engine.executor.execute, engine.step = recording_execute, timed_step
+    try:
+        run_in_process(engine, trace, progress=False, label="calibration replay")
+    finally:
+        engine.executor.execute, engine.step = execute, step
+    return samples
 
 
 def _timed_steps(engine: Any, recorder: _PlanRecorder, repeats: int) -> list[StepSample]:
@@ -240,8 +273,10 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def calibrate(engine: Any, name: str = "cpu", quick: bool = False, seed: int = 0) -> Calibration:
-    """Measure ``engine`` (an in-process ``LLMEngine`` on this machine's CPU) and fit a serial profile to it."""
+def calibrate(engine: Any, name: str = "cpu", quick: bool = False, seed: int = 0,
+              serving: list[StepSample] | None = None) -> Calibration:
+    """Measure ``engine`` (an in-process ``LLMEngine`` on this machine's CPU) and fit a serial profile to it;
+    ``serving``: steps of a real replay (``measure_serving``) fitted together with the grid."""
     if not hasattr(engine.executor, "worker") or engine.executor.worker.runner.swaps is None:
         raise ValueError("calibrate measures an in-process engine with swap space: drop multiprocess/device=sim "
                          "and keep num_cpu_blocks > 0")
@@ -257,7 +292,8 @@ def calibrate(engine: Any, name: str = "cpu", quick: bool = False, seed: int = 0
                          graphs=runner.graph_batch_size > 0, dtype_bytes=dtype_bytes, kernels_per_layer=0,
                          activation_overhead_bytes=0, gemm_compute_eff=1.0, gemm_memory_eff=1.0)
     started = time.perf_counter()
-    samples = measure_steps(engine, rng, quick)
+    grid = measure_steps(engine, rng, quick)
+    samples = grid + list(serving or [])
     coefficients = fit_steps(samples, shape, CostModel(base, shape))
     copier = engine.executor.worker.runner.swaps.copier
     copies = measure_copies(copier, min(copier.host_arena.shape[0], copier.device_arena.shape[0]),
@@ -280,9 +316,12 @@ def calibrate(engine: Any, name: str = "cpu", quick: bool = False, seed: int = 0
         memory_bytes=memory)
     model = CostModel(profile, shape)
     errors = [abs(model.step_s(s.shape) / s.seconds - 1) for s in samples]
+    serving_error = [abs(model.step_s(s.shape) / s.seconds - 1) for s in serving or []]
     copy_model = [abs(model.copy_device_s(c, b) / t - 1) for c, b, t in copies]
     report = {
-        "measured_steps": len(samples), "measured_copies": len(copies),
+        "measured_steps": len(samples), "grid_steps": len(grid), "serving_steps": len(serving or []),
+        "measured_copies": len(copies),
+        "serving_fit_median_error": statistics.median(serving_error) if serving_error else None,
         "step_fit_median_error": statistics.median(errors), "step_fit_p90_error": float(np.percentile(errors, 90)),
         "copy_fit_median_error": statistics.median(copy_model), "coefficients": coefficients,
         "copy_latency_s": latency, "copy_bandwidth_gb_s": bandwidth / 1e9, "duplex_factor": duplex,

@@ -195,6 +195,7 @@ class StepShape:
     context_lens: list[int]
     num_sampled: int
     graph_batch: int = 0  # > 0: a decode step replayed as the CUDA graph of this padded batch size
+    async_commands: int = 0  # copy commands issued with the step and not waited for
 
     @property
     def num_tokens(self) -> int:
@@ -242,8 +243,11 @@ class CostModel:
         return self.profile.attention_kernel == "reference"
 
     def attention_flops(self, query_lens: list[int], context_lens: list[int]) -> float:
-        """QK^T and PV of one layer, causal within each chunk (the reference kernel computes the masked half too)."""
+        """QK^T and PV of one layer, causal within each chunk (the reference kernel computes the masked half too,
+        and pads decode rows to the longest context)."""
         s = self.shape
+        if self._reference and all(q == 1 for q in query_lens):  # decode rows padded to the longest context
+            return 4.0 * s.heads * s.head_dim * len(query_lens) * max(context_lens)
         if self._reference:
             return sum(4.0 * s.heads * s.head_dim * q * c for q, c in zip(query_lens, context_lens))
         return sum(4.0 * s.heads * s.head_dim * q * ((c - q) + (q + 1) / 2) for q, c in zip(query_lens, context_lens))
@@ -288,7 +292,7 @@ class CostModel:
 
     def step_s(self, step: StepShape) -> float:
         p = self.profile
-        host = p.step_host_s + p.seq_host_s * len(step.query_lens)
+        host = p.step_host_s + p.seq_host_s * len(step.query_lens) + p.async_command_host_s * step.async_commands
         if self._reference and any(q > 1 for q in step.query_lens):
             host += p.chunk_loop_s * len(step.query_lens)
         device, launch = self.device_s(step), self.launch_s(step)
@@ -311,6 +315,7 @@ class CostModel:
             "step": 1.0,
             "seqs": float(len(step.query_lens)),
             "prefill_chunks": float(len(step.query_lens)) if prefills and self._reference else 0.0,
+            "async_commands": float(step.async_commands),
             "gemm_flops": float(gemm_flops + head_flops),
             "bytes": float(gemm_bytes + elementwise + head_bytes + rows * s.hidden * b * 2),
             "attn_flops": s.num_layers * self.attention_flops(step.query_lens, step.context_lens),

@@ -75,6 +75,9 @@ class DeviceProfile:
     # kernels); reference: the torch backend, which pads decode rows to the longest context, computes masked
     # prefill scores in full and loops over the chunks of any step that prefills
     chunk_loop_s: float = 0.0  # reference kernel: cost per chunk of a step that prefills (its Python loop)
+    async_command_host_s: float = 0.0  # what an unwaited copy command costs the step that issues it on the
+    # host: on a CPU its copy thread takes a core and GIL hand-offs from the forward (fitted by calibrate);
+    # on a GPU deployment the swap process issues the copies, so nothing
 
     def with_updates(self, **changes) -> DeviceProfile:
         return dataclasses.replace(self, **changes)

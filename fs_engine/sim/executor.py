@@ -147,8 +147,8 @@ class SimExecutor:
                 plan, swaps=[dataclasses.replace(c, wait=True) for c in plan.swaps]))
             result.request_ids, result.token_ids = executed.request_ids, executed.token_ids
         for kind in ("out", "in"):  # waited swap-outs land before swap-ins may reuse their device blocks
-            waited = [end for end, c in ((self._submit(c, t), c) for c in plan.swaps if c.kind == kind) if c.wait]
-            t = max([t, *waited])
+            ends = [(self._submit(c, t), c.wait) for c in plan.swaps if c.kind == kind]
+            t = max([t, *(end for end, wait in ends if wait)])
         stall = t - start
         forward = 0.0
         if plan.chunks:
@@ -186,7 +186,8 @@ class SimExecutor:
         graph_batch = 0
         if self.graph_sizes and all(q == 1 for q in query_lens) and len(query_lens) <= self.graph_sizes[-1]:
             graph_batch = next(b for b in self.graph_sizes if b >= len(query_lens))
-        seconds = self.cost.step_s(StepShape(query_lens, context_lens, num_sampled, graph_batch))
+        async_commands = sum(1 for c in plan.swaps if not c.wait)
+        seconds = self.cost.step_s(StepShape(query_lens, context_lens, num_sampled, graph_batch, async_commands))
         copying_until = max(e.busy_until for e in self.engines.values())
         overlap = max(0.0, min(t + seconds, copying_until) - t)
         return seconds + overlap * self.profile.copy_interference

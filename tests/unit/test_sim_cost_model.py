@@ -170,12 +170,12 @@ def test_a_serial_profile_is_exactly_linear_in_the_features():
     """bench calibrate fits coefficients of CostModel.features; the profile it writes must reproduce them."""
     from fs_engine.sim.calibrate import FEATURES, serial_profile
 
-    coefficients = dict(zip(FEATURES, (2e-3, 1e-4, 5e-3, 1e-10, 1e-9, 5e-11, 7e-10)))
+    coefficients = dict(zip(FEATURES, (2e-3, 1e-4, 5e-3, 3e-4, 1e-10, 1e-9, 5e-11, 7e-10)))
     base = toy_profile(dtype_bytes=4, kernels_per_layer=0)
     profile = serial_profile("cpu", coefficients, base)
     cost = CostModel(profile, LLAMA3_8B)
     for step in (StepShape([1] * 5, [40, 300, 7, 1000, 64], 5), StepShape([256], [256], 1),
-                 StepShape([1, 1, 128], [50, 60, 300], 3), StepShape([33], [100], 0)):
+                 StepShape([1, 1, 128], [50, 60, 300], 3), StepShape([33], [100], 0, async_commands=2)):
         features = cost.features(step)
         assert cost.step_s(step) == pytest.approx(sum(coefficients[k] * features[k] for k in FEATURES), rel=1e-9)
 
