@@ -43,3 +43,9 @@ def test_compare_reports_relative_errors_against_tolerances():
     assert rows["P50 TTFT"]["error"] == pytest.approx(0.1)
     assert rows["P50 TTFT"]["ok"] and not rows["P95 TTFT"]["ok"]
     assert rows["Preemptions"]["ok"] and rows["Swap-out bytes"]["error"] == 0.0
+    # with a second real run, the error is the distance from their span: inside it is no error at all
+    again = {**real, "ttft_s": {"p50": 1.3, "p95": 2.5}, "throughput_tokens_per_s": 120.0}
+    rows = {r["metric"]: r for r in compare(real, sim, again)}
+    assert rows["P50 TTFT"]["error"] == 0.0 and rows["P50 TTFT"]["run_to_run"] == pytest.approx(0.3)
+    assert rows["P95 TTFT"]["error"] == pytest.approx(0.2) and rows["P95 TTFT"]["ok"]  # 3.0 against 2.5
+    assert rows["Throughput"]["error"] == pytest.approx(0.1)  # 90 below the span [100, 120]
