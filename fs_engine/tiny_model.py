@@ -321,7 +321,7 @@ def _fix_weight_file_modes(out_dir: Path) -> None:
         path.chmod(mode)
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     if os.environ.get("FS_ENGINE_CACHE"):
         return Path(os.environ["FS_ENGINE_CACHE"])
     if os.environ.get("XDG_CACHE_HOME"):
@@ -337,7 +337,7 @@ def default_model_path() -> Path:
     readers never see a half-written model; the flock serialises concurrent
     builders so only one of them does the work.
     """
-    models_dir = _cache_root() / "models"
+    models_dir = cache_root() / "models"
     final = models_dir / DEFAULT_MODEL_NAME
     if (final / "config.json").is_file():
         return final

