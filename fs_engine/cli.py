@@ -69,12 +69,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                                      add_generation_prompt=True) for p in prompts]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed_sampling)
-    t1 = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    gen_s = time.perf_counter() - t1
     engine = llm.engine
+    t1 = engine.clock.now()  # wall time, or a simulated device's virtual time
+    outputs = llm.generate(prompts, params)
+    gen_s = engine.clock.now() - t1
     print(f"model: {engine.config.model.model} ({engine.arch.architecture}, {engine.executor.device}, "
-          f"{engine.executor.worker.dtype_name}), loaded in {load_s:.2f} s")
+          f"{engine.executor.layout.dtype}), loaded in {load_s:.2f} s")
     for out in outputs:
         print("-" * 80)
         print(f"prompt: {out.prompt!r}")
@@ -82,8 +82,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"        {len(out.token_ids)} tokens, finish_reason={out.finish_reason}")
     num_tokens = sum(len(o.token_ids) for o in outputs)
     print("-" * 80)
-    print(f"{len(outputs)} requests, {num_tokens} tokens in {gen_s:.2f} s: {num_tokens / gen_s:.1f} tokens/s "
-          f"({engine.stats()['num_steps']} steps)")
+    simulated = "simulated " if engine.clock.virtual else ""
+    print(f"{len(outputs)} requests, {num_tokens} tokens in {gen_s:.2f} {simulated}s: "
+          f"{num_tokens / gen_s:.1f} tokens/s ({engine.stats()['num_steps']} steps)")
     return 0
 
 
