@@ -111,6 +111,11 @@ def run_calibration(model: str | None, out_dir: str | Path, engine_args: dict[st
     and it leaves the other core to the copy threads."""
     import torch
 
+    if str(engine_args.get("device", "")).startswith("sim:"):
+        raise ValueError("calibrate measures the in-process engine on this machine; drop --device sim:... (the "
+                         "profile it writes is what --simulate then takes)")
+    if threads < 1:
+        raise ValueError(f"--threads {threads}: give at least 1 torch compute thread")
     torch.set_num_threads(threads)
     from fs_engine.bench.ablation import ALIASES, CONFIGS, run_config
     from fs_engine.engine.llm_engine import LLMEngine

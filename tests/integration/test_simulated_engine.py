@@ -64,8 +64,8 @@ def test_bench_ablate_simulate_writes_the_tables_and_step_logs(tmp_path, capsys)
         "max_position_embeddings": 8192, "rope_theta": 500000.0, "eos_token_id": 128009}))
     out = tmp_path / "ablation"
     code = main(["ablate", "--simulate", "a10", "--model", str(shapes), "--out", str(out), "--num-conversations",
-                 "30", "--request-rate", "2", "--priority-pattern", "markov", "--priority-interval-s", "1",
-                 "--num-gpu-blocks", "300", "--step-log", "--no-progress"])
+                 "16", "--request-rate", "2", "--priority-pattern", "markov", "--priority-interval-s", "1",
+                 "--num-gpu-blocks", "200", "--step-log", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "greedy replies identical to the baseline's: 5/5 configs" in printed
