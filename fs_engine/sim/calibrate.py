@@ -9,8 +9,8 @@ fitted as ``calls * latency + bytes / bandwidth``; running both directions at on
 a decode step timed while a copy thread runs gives the interference factor.
 
 Every step and copy is the production code (``LLMEngine.step`` on the in-process executor, ``KVCopier``): the
-profile describes the engine, not a microbenchmark of its parts. On a GPU the same measurements would fit the
-overlapping (roofline) form; that needs a GPU session and is not done here.
+profile describes the engine, not a microbenchmark of its parts. On a GPU the command fits the same serial
+form, an approximation of the overlapping (roofline) one there; a roofline fit needs a GPU session to check it.
 """
 
 from __future__ import annotations
