@@ -187,10 +187,10 @@ class DeviceConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        if self.device.startswith("sim:"):
-            from fs_engine.sim.devices import get_profile
+        from fs_engine.sim.devices import SIM_PREFIX, get_profile, is_simulated
 
-            get_profile(self.device.removeprefix("sim:"))  # an unknown device fails here, naming the choices
+        if is_simulated(self.device):
+            get_profile(self.device.removeprefix(SIM_PREFIX))  # an unknown device fails here, naming the choices
         else:
             check_value(self.device in DEVICES, "device", self.device,
                         f"choose one of {DEVICES}, or sim:<gpu> for a simulated device")

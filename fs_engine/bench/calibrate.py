@@ -24,6 +24,7 @@ from typing import Any
 
 from fs_engine.bench.metrics import summarize
 from fs_engine.bench.workload import WorkloadConfig, generate
+from fs_engine.sim.devices import SIM_PREFIX, is_simulated
 
 LATENCY_TOLERANCE = 0.20
 COUNT_TOLERANCE = 0.35
@@ -111,7 +112,7 @@ def run_calibration(model: str | None, out_dir: str | Path, engine_args: dict[st
     and it leaves the other core to the copy threads."""
     import torch
 
-    if str(engine_args.get("device", "")).startswith("sim:"):
+    if is_simulated(str(engine_args.get("device", ""))):
         raise ValueError("calibrate measures the in-process engine on this machine; drop --device sim:... (the "
                          "profile it writes is what --simulate then takes)")
     if threads < 1:
@@ -154,7 +155,7 @@ def run_calibration(model: str | None, out_dir: str | Path, engine_args: dict[st
         name = ALIASES[alias]
         summaries = []
         # real, simulated, real again: the second real run measures how much the machine alone moves a figure
-        for device_args in ({}, {"device": f"sim:{profile_path}"}, {}):
+        for device_args in ({}, {"device": f"{SIM_PREFIX}{profile_path}"}, {}):
             run = run_config(model, trace, name, {**args, **device_args}, progress)
             summaries.append(summarize(run.records, run.duration_s, trace.tenant_weights,
                                        engine_stats=run.engine_stats))

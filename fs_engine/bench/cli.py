@@ -54,9 +54,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 def _engine_args(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = engine_kwargs(args)
     if args.simulate:
-        if "device" in kwargs and kwargs["device"] != f"sim:{args.simulate}":
+        from fs_engine.sim.devices import SIM_PREFIX
+
+        if "device" in kwargs and kwargs["device"] != f"{SIM_PREFIX}{args.simulate}":
             raise ValueError(f"--simulate {args.simulate} and --device {kwargs['device']} disagree; give one of them")
-        kwargs["device"] = f"sim:{args.simulate}"
+        kwargs["device"] = f"{SIM_PREFIX}{args.simulate}"
     return kwargs
 
 

@@ -16,7 +16,8 @@ from fs_engine.request import Request, RequestOutput, RequestStatus
 from fs_engine.sampling_params import SamplingParams
 from fs_engine.sched.scheduler import Scheduler
 from fs_engine.sim.clock import WallClock
-from fs_engine.sim.executor import SimExecutor, is_simulated
+from fs_engine.sim.devices import is_simulated
+from fs_engine.sim.executor import SimExecutor
 from fs_engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 Prompt = str | list[int]

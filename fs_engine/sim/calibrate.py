@@ -88,17 +88,38 @@ def fit_copies(copies: list[tuple[int, int, float]]) -> tuple[float, float]:
 
 
 # ---- measuring -------------------------------------------------------------------------------------------
-class _PlanRecorder:
-    """Wraps the executor so each ``engine.step()`` can be matched with the plan it executed."""
+class _StepTimer:
+    """While open, times every ``engine.step()`` and matches it with the plan it executed (both the engine's
+    step and its executor are wrapped, and restored on exit). A step's time excludes what it waited for
+    synchronous swaps: the simulator models those stalls itself. Steps that computed nothing give no sample."""
 
-    def __init__(self, executor: Any) -> None:
-        self.executor, self.plan = executor, None
-        self._execute = executor.execute
-        executor.execute = self
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.samples: list[StepSample] = []
+        self._step, self._execute = engine.step, engine.executor.execute
+        self._last: tuple[Any, float] | None = None
 
-    def __call__(self, plan):
-        self.plan = plan
-        return self._execute(plan)
+    def __enter__(self) -> _StepTimer:
+        self.engine.step, self.engine.executor.execute = self._timed_step, self._recording_execute
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.engine.step, self.engine.executor.execute = self._step, self._execute
+
+    def _recording_execute(self, plan):
+        result = self._execute(plan)
+        self._last = (plan, result.swap_wait_s)
+        return result
+
+    def _timed_step(self):
+        self._last = None
+        start = time.perf_counter()
+        outputs = self._step()
+        seconds = time.perf_counter() - start
+        if self._last is not None and self._last[0].chunks:
+            plan, waited = self._last
+            self.samples.append(StepSample(_shape_of(plan), seconds - waited))
+        return outputs
 
 
 def _shape_of(plan) -> StepShape:
@@ -108,46 +129,20 @@ def _shape_of(plan) -> StepShape:
 
 def measure_serving(engine: Any, trace: Any) -> list[StepSample]:
     """Every step of a real replay of ``trace``: mixed contexts, preemption, copies in flight, a scheduler with
-    many live requests, which the grid of uniform steps does not show. A step's time excludes what it waited
-    for synchronous swaps (the simulator models those stalls itself)."""
+    many live requests, which the grid of uniform steps does not show."""
     from fs_engine.bench.driver import run_in_process
 
-    samples: list[StepSample] = []
-    execute = engine.executor.execute
-    step = engine.step
-    last: dict[str, Any] = {}
-
-    def recording_execute(plan):
-        result = execute(plan)
-        last.update(plan=plan, wait=result.swap_wait_s)
-        return result
-
-    def timed_step():
-        last.clear()
-        start = time.perf_counter()
-        outputs = step()
-        seconds = time.perf_counter() - start
-        if last and last["plan"].chunks:
-            samples.append(StepSample(_shape_of(last["plan"]), seconds - last["wait"]))
-        return outputs
-
-    engine.executor.execute, engine.step = recording_execute, timed_step
-    try:
+    with _StepTimer(engine) as timer:
         run_in_process(engine, trace, progress=False, label="calibration replay")
-    finally:
-        engine.executor.execute, engine.step = execute, step
-    return samples
+    return timer.samples
 
 
-def _timed_steps(engine: Any, recorder: _PlanRecorder, repeats: int) -> list[StepSample]:
-    samples = []
-    while engine.has_unfinished_requests() and len(samples) < repeats:
-        start = time.perf_counter()
+def _timed_steps(timer: _StepTimer, repeats: int) -> list[StepSample]:
+    """Step the timer's engine until ``repeats`` steps computed something or nothing is left; their samples."""
+    engine, first = timer.engine, len(timer.samples)
+    while engine.has_unfinished_requests() and len(timer.samples) - first < repeats:
         engine.step()
-        seconds = time.perf_counter() - start
-        if recorder.plan is not None and recorder.plan.chunks:
-            samples.append(StepSample(_shape_of(recorder.plan), seconds))
-    return samples
+    return timer.samples[first:]
 
 
 def _drain(engine: Any) -> None:
@@ -161,45 +156,45 @@ def measure_steps(engine: Any, rng: np.random.Generator, quick: bool = False) ->
     from fs_engine.sampling_params import SamplingParams
 
     vocab = engine.arch.vocab_size
-    recorder = _PlanRecorder(engine.executor)
-    limit = engine.max_model_len
-    samples: list[StepSample] = []
-    ids = iter(range(10**9))
+    with _StepTimer(engine) as timer:
+        limit = engine.max_model_len
+        samples: list[StepSample] = []
+        ids = iter(range(10**9))
 
-    def prompt(n: int) -> list[int]:
-        return rng.integers(3, vocab, size=n).tolist()
+        def prompt(n: int) -> list[int]:
+            return rng.integers(3, vocab, size=n).tolist()
 
-    def run(prompts: list[list[int]], max_tokens: int) -> list[StepSample]:
-        for p in prompts:
-            engine.add_request(f"cal{next(ids)}", p, SamplingParams(max_tokens=max_tokens, temperature=0,
-                                                                     ignore_eos=True))
-        return _timed_steps(engine, recorder, 10**9)
+        def run(prompts: list[list[int]], max_tokens: int) -> list[StepSample]:
+            for p in prompts:
+                engine.add_request(f"cal{next(ids)}", p, SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                         ignore_eos=True))
+            return _timed_steps(timer, 10**9)
 
-    batches = (1, 4, 16, 64) if quick else (1, 2, 4, 8, 16, 32, 64)
-    contexts = (64, 512) if quick else (32, 256, 1024, 2048)
-    for batch in batches:
-        for context in contexts:
-            if batch * context > 16384 or context + 8 > limit:
+        batches = (1, 4, 16, 64) if quick else (1, 2, 4, 8, 16, 32, 64)
+        contexts = (64, 512) if quick else (32, 256, 1024, 2048)
+        for batch in batches:
+            for context in contexts:
+                if batch * context > 16384 or context + 8 > limit:
+                    continue
+                steps = [s for s in run([prompt(context) for _ in range(batch)], 8)
+                         if len(s.shape.query_lens) == batch and s.shape.num_tokens == batch]
+                if len(steps) > 2:
+                    samples.append(StepSample(steps[-1].shape, statistics.median(s.seconds for s in steps[1:])))
+        for length in ((64, 512, 2048) if quick else (16, 64, 256, 1024, 2048)):
+            if length + 1 > limit or length > engine.config.scheduler.max_num_batched_tokens:
                 continue
-            steps = [s for s in run([prompt(context) for _ in range(batch)], 8)
-                     if len(s.shape.query_lens) == batch and s.shape.num_tokens == batch]
-            if len(steps) > 2:
-                samples.append(StepSample(steps[-1].shape, statistics.median(s.seconds for s in steps[1:])))
-    for length in ((64, 512, 2048) if quick else (16, 64, 256, 1024, 2048)):
-        if length + 1 > limit or length > engine.config.scheduler.max_num_batched_tokens:
-            continue
-        for _ in range(3):  # three fresh prompts of this length: each is one prefill step
-            steps = run([prompt(length)], 1)
-            samples.extend(s for s in steps if s.shape.num_tokens == length)
-    for decoders in (4, 16):  # mixed steps: a prefill chunk among decode rows
-        for p in [prompt(128) for _ in range(decoders)]:
-            engine.add_request(f"cal{next(ids)}", p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
-        _timed_steps(engine, recorder, 2)  # their prefills
-        for _ in range(3):
-            engine.add_request(f"cal{next(ids)}", prompt(256), SamplingParams(max_tokens=1, temperature=0,
-                                                                            ignore_eos=True))
-            samples.extend(s for s in _timed_steps(engine, recorder, 1) if len(s.shape.query_lens) > 1)
-        _drain(engine)
+            for _ in range(3):  # three fresh prompts of this length: each is one prefill step
+                steps = run([prompt(length)], 1)
+                samples.extend(s for s in steps if s.shape.num_tokens == length)
+        for decoders in (4, 16):  # mixed steps: a prefill chunk among decode rows
+            for p in [prompt(128) for _ in range(decoders)]:
+                engine.add_request(f"cal{next(ids)}", p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+            _timed_steps(timer, 2)  # their prefills
+            for _ in range(3):
+                engine.add_request(f"cal{next(ids)}", prompt(256), SamplingParams(max_tokens=1, temperature=0,
+                                                                                ignore_eos=True))
+                samples.extend(s for s in _timed_steps(timer, 1) if len(s.shape.query_lens) > 1)
+            _drain(engine)
     return samples
 
 
@@ -243,27 +238,27 @@ def measure_interference(engine: Any, copier: Any, rng: np.random.Generator) -> 
     """How much slower a decode step runs while a copy thread keeps copying (0.0: not at all)."""
     from fs_engine.sampling_params import SamplingParams
 
-    recorder = _PlanRecorder(engine.executor)
-    for i in range(16):
-        engine.add_request(f"int{i}", rng.integers(3, engine.arch.vocab_size, size=256).tolist(),
-                           SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
-    _timed_steps(engine, recorder, 3)
-    quiet = [s.seconds for s in _timed_steps(engine, recorder, 15)]
-    stop = threading.Event()
-    n = max(1, min(copier.host_arena.shape[0], copier.device_arena.shape[0], 64))
+    with _StepTimer(engine) as timer:
+        for i in range(16):
+            engine.add_request(f"int{i}", rng.integers(3, engine.arch.vocab_size, size=256).tolist(),
+                               SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+        _timed_steps(timer, 3)
+        quiet = [s.seconds for s in _timed_steps(timer, 15)]
+        stop = threading.Event()
+        n = max(1, min(copier.host_arena.shape[0], copier.device_arena.shape[0], 64))
 
-    def copy_forever() -> None:
-        while not stop.is_set():
-            copier.swap_out([(0, 0, n)])
+        def copy_forever() -> None:
+            while not stop.is_set():
+                copier.swap_out([(0, 0, n)])
 
-    thread = threading.Thread(target=copy_forever, daemon=True)
-    thread.start()
-    try:
-        busy = [s.seconds for s in _timed_steps(engine, recorder, 15)]
-    finally:
-        stop.set()
-        thread.join()
-    _drain(engine)
+        thread = threading.Thread(target=copy_forever, daemon=True)
+        thread.start()
+        try:
+            busy = [s.seconds for s in _timed_steps(timer, 15)]
+        finally:
+            stop.set()
+            thread.join()
+        _drain(engine)
     return max(0.0, statistics.median(busy) / statistics.median(quiet) - 1.0)
 
 

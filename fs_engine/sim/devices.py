@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GB = 1e9
+SIM_PREFIX = "sim:"  # device="sim:<name or profile.json>" selects a simulated device
 ATTENTION_KERNELS = ("paged", "reference")
 
 
@@ -121,6 +122,10 @@ PROFILES: dict[str, DeviceProfile] = {
 }
 PROFILES["a100-80gb"] = PROFILES["a100"]
 PROFILES["a10-24gb"] = PROFILES["a10"]
+
+
+def is_simulated(device: str) -> bool:
+    return device.startswith(SIM_PREFIX)
 
 
 def get_profile(name: str) -> DeviceProfile:

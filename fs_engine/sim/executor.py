@@ -32,14 +32,8 @@ from fs_engine.kv.layout import DTYPE_BYTES, KVLayout
 from fs_engine.model_config import ModelArch
 from fs_engine.sim.clock import VirtualClock
 from fs_engine.sim.cost_model import CostModel, ModelShape, StepShape, copy_calls
-from fs_engine.sim.devices import DeviceProfile, get_profile
+from fs_engine.sim.devices import SIM_PREFIX, DeviceProfile, get_profile
 from ipc.messages import StepPlan, StepResult, SwapCommand, SwapDone
-
-SIM_PREFIX = "sim:"
-
-
-def is_simulated(device: str) -> bool:
-    return device.startswith(SIM_PREFIX)
 
 
 @dataclass
