@@ -1,18 +1,16 @@
 """``fs-engine`` command line.
 
-Engine flags are generated from the config dataclasses (``EngineConfig.field_names``), so every engine
-argument of ``LLM(**kwargs)`` is also a flag, with the same name in kebab case, and no other.
+Engine flags come from ``fs_engine.engine_args``: every engine argument of ``LLM(**kwargs)`` is also a flag,
+with the same name in kebab case, and no other.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
-from typing import Any
 
-from fs_engine.config import AREAS
+from fs_engine.engine_args import add_engine_args, engine_kwargs
 
 DEMO_PROMPTS = (
     "Hello! Who are you?",
@@ -20,41 +18,6 @@ DEMO_PROMPTS = (
     "Explain preemption in one sentence.",
     "def fibonacci(n):",
 )
-
-
-def _parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _flag_type(annotation: str) -> Any:
-    if annotation.startswith("bool"):
-        return _parse_bool
-    if "int" in annotation:
-        return int
-    if "float" in annotation:
-        return float
-    return str
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine arguments")
-    for cls in AREAS.values():
-        for f in dataclasses.fields(cls):
-            if f.name == "model":
-                continue  # its own flag: --model, default = the embedded tiny model
-            flag = "--" + f.name.replace("_", "-")
-            group.add_argument(flag, dest=f.name, type=_flag_type(str(f.type)), default=argparse.SUPPRESS,
-                               help=f"{f.metadata.get('help', '')} (default: {f.default})")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    names = {f.name for cls in AREAS.values() for f in dataclasses.fields(cls)} - {"model"}
-    return {k: v for k, v in vars(args).items() if k in names}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

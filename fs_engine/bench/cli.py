@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fs_engine.bench.workload import Trace, WorkloadConfig, generate, load_sharegpt
-from fs_engine.cli import add_engine_args, engine_kwargs
+from fs_engine.engine_args import add_engine_args, engine_kwargs
 
 
 # workload fields whose flag would collide with an engine argument's

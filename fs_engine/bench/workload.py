@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fs_engine.bench.sharegpt import read_sharegpt_records, sharegpt_pairs, sharegpt_path
 from fs_engine.config import check_types, check_value
 
 MAX_ROUNDS = 64
@@ -49,8 +50,6 @@ MAX_AUTO_TICKS = 10_000
 ARRIVALS = ("poisson", "gamma")
 THINK_MODES = ("closed", "reading")
 PRIORITY_PATTERNS = ("none", "random", "markov")
-HUMAN_ROLES = ("human", "user")
-GPT_ROLES = ("gpt", "assistant")
 
 
 @dataclass
@@ -328,21 +327,6 @@ def generate(config: WorkloadConfig) -> Trace:
     return _build_trace(config, _synthetic_turns(config, rng), rng, dataclasses.asdict(config))
 
 
-SHAREGPT_FORMAT = ('a JSON list of records {"conversations": [{"from": "human"|"user"|"gpt"|"assistant", '
-                   '"value": "..."}, ...]} (other keys such as "id" are ignored)')
-
-
-def sharegpt_pairs(record: Any, index: int, path: str | Path) -> list[tuple[str, str]]:
-    """The (user text, reply text) of each human message directly followed by a gpt message."""
-    messages = record.get("conversations") if isinstance(record, dict) else None
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("from"), str) and isinstance(m.get("value"), str) for m in messages
-    ):
-        raise ValueError(f"{path}: record {index} is not ShareGPT format; expected {SHAREGPT_FORMAT}")
-    return [(a["value"], b["value"]) for a, b in zip(messages, messages[1:])
-            if a["from"] in HUMAN_ROLES and b["from"] in GPT_ROLES]
-
-
 def load_sharegpt(path: str | Path, tokenizer: Tokenizer | None = None,
                   config: WorkloadConfig = WorkloadConfig()) -> Trace:
     """Turn the first ``num_conversations`` usable ShareGPT conversations into a trace.
@@ -353,9 +337,6 @@ def load_sharegpt(path: str | Path, tokenizer: Tokenizer | None = None,
     4)) seeded pseudo ids (about 4 characters per token for English). Everything but the lengths comes from
     ``config`` as in generate().
     """
-    # imported here, not at the top: bench.sharegpt builds on this module's ShareGPT format
-    from fs_engine.bench.sharegpt import read_sharegpt_records, sharegpt_path
-
     source = sharegpt_path(path)
     records, skipped = read_sharegpt_records(source)
     rng = np.random.default_rng(config.seed)

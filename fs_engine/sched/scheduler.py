@@ -273,7 +273,8 @@ class Scheduler:
             return None
         if resident is not None:
             self.kv.adopt(resident, rid, computed)
-        assert self.kv.allocate_slots(rid, computed + num_new)
+        if not self.kv.allocate_slots(rid, computed + num_new):  # checked above: need <= free blocks
+            raise RuntimeError(f"{rid}: {need} blocks were free but the allocation failed")
         request.scheduled_in_step = self._step_id
         if not computed:
             request.status = S.RUNNING
