@@ -6,7 +6,16 @@ import enum
 import time
 from dataclasses import dataclass
 
+from typing import Protocol
+
+from fs_engine.kv.prefix_index import extend_chain
 from fs_engine.sampling_params import SamplingParams
+
+
+class RequestObserver(Protocol):
+    def status_changed(self, request: Request, old: RequestStatus) -> None: ...
+
+    def priority_changed(self, request: Request) -> None: ...
 
 
 class RequestStatus(enum.Enum):
@@ -59,14 +68,15 @@ class Request:
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
-        self.priority = priority
+        self._priority = priority
         self.tenant = tenant
         self.session_id = session_id
         self.arrival_seq = arrival_seq
         self.arrival_time = time.monotonic()
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
-        self.status = RequestStatus.WAITING
+        self._status = RequestStatus.WAITING
+        self.observer: RequestObserver | None = None  # the scheduler, told of status and priority changes
         self.num_preemptions = 0
         self.sent_to_worker = False
         self.scheduled_in_step = 0  # step in which it was last admitted or swapped in (anti-thrashing)
@@ -74,6 +84,39 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens swapped in from the CPU store instead of prefilled
         self.num_dropped_tokens = 0  # computed tokens its last recompute preemption dropped
         self.num_prompt_tokens_served = 0  # prompt tokens computed at least once (fair-share accounting)
+        self.worker_table: list[int] | None = None  # the KV table object the worker's view was last sent from
+        self.worker_table_len = 0  # ... and how many of its entries the worker holds
+        self._block_hashes: list[int] = []  # chain hashes of token_ids' full blocks, as far as computed
+
+    @property
+    def status(self) -> RequestStatus:
+        return self._status
+
+    @status.setter
+    def status(self, status: RequestStatus) -> None:
+        old, self._status = self._status, status
+        if self.observer is not None and old is not status:
+            self.observer.status_changed(self, old)
+
+    @property
+    def priority(self) -> int:
+        return self._priority
+
+    @priority.setter
+    def priority(self, priority: int) -> None:
+        self._priority = priority
+        if self.observer is not None:
+            self.observer.priority_changed(self)
+
+    def block_hashes(self, block_size: int) -> list[int]:
+        """Chain hashes (``prefix_index.chain_hashes``) of every full block of ``token_ids``, computed once:
+        tokens are only ever appended, so each call hashes only blocks completed since the last."""
+        done = len(self._block_hashes)
+        full = len(self.token_ids) // block_size
+        if full > done:
+            self._block_hashes += extend_chain(self._block_hashes[-1] if done else None, self.token_ids,
+                                               block_size, done, full, self.session_id)
+        return self._block_hashes
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,7 +1,8 @@
 """msgpack encoding of the registered message types.
 
 Every message is a dataclass registered here under a stable name; nothing is guessed by reflection at
-decode time. A frame is ``msgpack([PROTOCOL_VERSION, name, [field values in declaration order]])``;
+decode time. A type whose constructor is not its field list (``StepPlan``) builds itself from the field
+values with a ``_from_wire(*values)`` classmethod. A frame is ``msgpack([PROTOCOL_VERSION, name, [field values in declaration order]])``;
 nested messages become msgpack ext values of the same shape, and fields declared with
 ``metadata={"wire": "int32"}`` (token-id lists) travel as raw little-endian int32 bytes, not lists.
 
@@ -93,7 +94,7 @@ def _build(name: str, values: list[Any]) -> Any:
     if not isinstance(values, list) or len(values) != len(fields):
         raise ProtocolError(f"{name} needs {len(fields)} fields, got {values!r:.200}")
     try:
-        return cls(*values)
+        return cls._from_wire(*values) if hasattr(cls, "_from_wire") else cls(*values)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"bad {name}: {e}") from e
 

@@ -5,14 +5,17 @@ send it as msgpack without guessing schemas; the in-process engine passes the sa
 This module imports nothing of ours (see STYLE.md: import direction).
 
 A step plan carries a request's sampling settings once (``NewRequest``), then per step only what that step
-computes (``ScheduledChunk``). The worker forgets a request when its id appears in ``finished_ids``.
+computes (``ScheduledChunk``): its tokens and the blocks its table gained since the worker last saw it. The
+worker keeps each request's block table across steps and forgets a request when its id appears in
+``finished_ids``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 INT32 = {"wire": "int32"}  # field metadata: a token-id list that travels as raw int32 bytes
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily
 
@@ -43,17 +46,22 @@ class ScheduledChunk:
     """One request's share of a step: compute KV for ``token_ids`` at positions
     ``start_pos .. start_pos + len(token_ids) - 1`` and, if ``sample``, sample the next token.
 
-    ``block_ids`` is the request's whole block table (one entry per ``block_size`` tokens).
+    ``block_ids`` are the request's block-table entries from ``table_start`` on: the worker keeps the first
+    ``table_start`` entries of the table it holds for the request and replaces the rest with these, so a
+    plan sends a table once and then only its new blocks (``table_start=0``: the whole table).
     ``sample_index`` is the index of the token being sampled among the request's outputs; seeded sampling
     derives its random stream from it so that batching and preemption never change a seeded result.
+
+    A view for building and reading plans; on the wire a plan's chunks travel as columns (``StepPlan``).
     """
 
     request_id: str
-    token_ids: list[int] = field(metadata=INT32)
+    token_ids: list[int]
     start_pos: int = 0
-    block_ids: list[int] = field(default_factory=list, metadata=INT32)
+    block_ids: list[int] = field(default_factory=list)
     sample: bool = False
     sample_index: int = 0
+    table_start: int = 0
 
 
 # (src_start, dst_start, num_blocks): blocks src_start.. move to dst_start..; one copy at group granularity
@@ -81,24 +89,104 @@ class SwapDone:
     error: str | None = None  # the copy failed: its KV cannot be trusted
 
 
-@dataclass
+@dataclass(init=False)
 class StepPlan:
     """One step for every rank. The worker submits every swap-out, waits for those marked ``wait``, then
-    submits every swap-in, waits for those marked ``wait``, then runs the forward pass over ``chunks``.
+    submits every swap-in, waits for those marked ``wait``, then runs the forward pass over the chunks.
 
     The frontend relies on that order: device blocks freed by a *waited* swap-out may be the destination of
     a swap-in or of new KV in the same plan. Blocks under an unwaited command stay owned until it is done.
+
+    The chunks are stored as columns, one entry per chunk in batch order (token ids and new block ids
+    concatenated), so a plan of hundreds of requests encodes as a few raw int32 arrays and the worker builds
+    its inputs from them with vectorised tensor ops. ``chunks`` and ``add_chunk`` read and write them as
+    ``ScheduledChunk`` views; ``sample_index`` is -1 for a chunk that samples nothing.
     """
 
     step_id: int
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-    new_requests: list[NewRequest] = field(default_factory=list)
-    finished_ids: list[str] = field(default_factory=list)
-    swaps: list[SwapCommand] = field(default_factory=list)
+    new_requests: list[NewRequest]
+    finished_ids: list[str]
+    swaps: list[SwapCommand]
+    request_ids: list[str]
+    start_pos: list[int] = field(metadata=INT32)
+    num_scheduled: list[int] = field(metadata=INT32)  # tokens each chunk computes
+    token_ids: list[int] = field(metadata=INT32)
+    sample_index: list[int] = field(metadata=INT32)
+    table_start: list[int] = field(metadata=INT32)
+    num_new_blocks: list[int] = field(metadata=INT32)
+    new_block_ids: list[int] = field(metadata=INT32)
+
+    def __init__(
+        self,
+        step_id: int,
+        chunks: list[ScheduledChunk] = (),
+        new_requests: list[NewRequest] | None = None,
+        finished_ids: list[str] | None = None,
+        swaps: list[SwapCommand] | None = None,
+    ) -> None:
+        self.step_id = step_id
+        self.new_requests = [] if new_requests is None else new_requests
+        self.finished_ids = [] if finished_ids is None else finished_ids
+        self.swaps = [] if swaps is None else swaps
+        for name in _PLAN_COLUMNS:
+            setattr(self, name, [])
+        for chunk in chunks:
+            self.add_chunk(chunk)
+
+    @classmethod
+    def _from_wire(cls, *values) -> StepPlan:
+        plan = object.__new__(cls)
+        for f, value in zip(fields(cls), values):
+            setattr(plan, f.name, value)
+        return plan
+
+    def add_chunk(self, chunk: ScheduledChunk) -> None:
+        self.append(chunk.request_id, chunk.token_ids, chunk.start_pos, chunk.sample_index if chunk.sample else -1,
+                    chunk.table_start, chunk.block_ids)
+
+    def append(self, request_id: str, token_ids: list[int], start_pos: int, sample_index: int, table_start: int,
+               new_block_ids: list[int]) -> None:
+        """Add a chunk (the scheduler's hot path: no view object)."""
+        self.request_ids.append(request_id)
+        self.start_pos.append(start_pos)
+        self.num_scheduled.append(len(token_ids))
+        self.token_ids += token_ids
+        self.sample_index.append(sample_index)
+        self.table_start.append(table_start)
+        self.num_new_blocks.append(len(new_block_ids))
+        self.new_block_ids += new_block_ids
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        out, tok, blk = [], 0, 0
+        for i, request_id in enumerate(self.request_ids):
+            n, k, s = self.num_scheduled[i], self.num_new_blocks[i], self.sample_index[i]
+            out.append(ScheduledChunk(request_id, self.token_ids[tok : tok + n], self.start_pos[i],
+                                      self.new_block_ids[blk : blk + k], s >= 0, max(s, 0), self.table_start[i]))
+            tok, blk = tok + n, blk + k
+        return out
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.request_ids)
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
+        return len(self.token_ids)
+
+    @property
+    def sampled_ids(self) -> list[str]:
+        return [r for r, s in zip(self.request_ids, self.sample_index) if s >= 0]
+
+    def with_swaps(self, swaps: list[SwapCommand]) -> StepPlan:
+        """The same plan with other swaps (none: for the workers when the swap process runs them)."""
+        plan = copy.copy(self)
+        plan.swaps = swaps
+        return plan
+
+
+_PLAN_COLUMNS = ("request_ids", "start_pos", "num_scheduled", "token_ids", "sample_index", "table_start",
+                 "num_new_blocks", "new_block_ids")
 
 
 @dataclass
@@ -240,7 +328,7 @@ class Shutdown:
 
 # every type that may cross a process boundary, registered with the codec (ipc.codec) under its class name
 MESSAGE_TYPES = (
-    SamplingSpec, NewRequest, ScheduledChunk, SwapCommand, SwapDone, StepPlan, StepResult,
+    SamplingSpec, NewRequest, SwapCommand, SwapDone, StepPlan, StepResult,
     GenerateRequest, TokenEvent, AbortRequest, UpdatePriority, StatsRequest, StatsReply, Ack, ErrorReply, KeepAlive,
     WorkerReady, SwapReady, OpenArenas, SwapBatch, ProcessFailed, Shutdown,
 )

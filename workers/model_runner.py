@@ -1,7 +1,7 @@
 """Executes step plans on one rank: builds the batch tensors, runs the model, samples.
 
-It keeps, per request, only what sampling needs (``SamplingSpec``); token ids, positions and block tables
-come with every plan, so the frontend stays the single owner of request state.
+It keeps, per request, what sampling needs (``SamplingSpec``) and its block table (``InputBatch``), which
+plans update with diffs; the frontend stays the single owner of request state and decides every change.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch
 from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
 from ipc.messages import SamplingSpec, ScheduledChunk, StepPlan, StepResult
-from workers.attention import AttentionMetadata, get_backend
+from workers.attention import get_backend
 from workers.cuda_graphs import DecodeGraphs
+from workers.input_batch import InputBatch
 from workers.kv_arena import allocate_host_arena, allocate_kv_arena
 from workers.loader import load_model
 from workers.models import ForwardContext
@@ -61,9 +62,13 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.graphs: DecodeGraphs | None = None
         self._specs: dict[str, SamplingSpec] = {}
+        self.batch = InputBatch(block_size, self._max_blocks_per_seq(), device)
         num_heads = arch.num_heads // tp.size
         self.num_heads = num_heads
         self.num_kv_heads = max(1, arch.num_kv_heads // tp.size)
+
+    def _max_blocks_per_seq(self) -> int:
+        return max(1, -(-self.max_model_len // self.block_size))
 
     def kv_layout(self, dtype_name: str) -> KVLayout:
         return KVLayout(self.arch.num_layers, self.block_size, self.num_kv_heads, self.arch.head_dim, dtype_name)
@@ -77,7 +82,7 @@ class ModelRunner:
         self.attn = self.backend_cls(self.kv_arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
         if self.graph_batch_size > 0:
             self.graphs = DecodeGraphs(self.model, self.attn, max_batch_size=self.graph_batch_size,
-                                       max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+                                       max_blocks_per_seq=self._max_blocks_per_seq(),
                                        block_size=self.block_size)
             self.graphs.capture()
         if num_host_blocks > 0:
@@ -97,9 +102,9 @@ class ModelRunner:
         arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device)
         attn = self.backend_cls(arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
         chunk = ScheduledChunk("profile", [0] * num_tokens, 0, list(range(num_blocks)), sample=True)
-        token_ids, positions, meta, rows = self._prepare(StepPlan(step_id=0, chunks=[chunk]))
-        hidden = self.model(token_ids, positions, ForwardContext(attn, meta))
-        self.model.compute_logits(hidden[rows])
+        inputs = InputBatch(self.block_size, num_blocks, self.device, num_rows=1).prepare(StepPlan(0, [chunk]))
+        hidden = self.model(inputs.token_ids, inputs.positions, ForwardContext(attn, inputs.meta))
+        self.model.compute_logits(hidden[inputs.sample_rows])
         del arena, attn, hidden
 
     # ---- one step ----------------------------------------------------------------------------------------
@@ -114,20 +119,21 @@ class ModelRunner:
         result = StepResult(step_id=plan.step_id)
         if plan.swaps:
             self._swap(plan, result)
-        if plan.chunks:
-            token_ids, positions, meta, sample_rows = self._prepare(plan)
+        inputs = self.batch.prepare(plan)
+        if inputs is not None:
+            meta = inputs.meta
             if self.graphs is not None and self.graphs.can_run(meta):
-                hidden = self.graphs.run(token_ids, positions, meta)
+                hidden = self.graphs.run(inputs.token_ids, inputs.positions, meta)
             else:
-                hidden = self.model(token_ids, positions, ForwardContext(self.attn, meta))
-            sampled = [c for c in plan.chunks if c.sample]
+                hidden = self.model(inputs.token_ids, inputs.positions, ForwardContext(self.attn, meta))
+            sampled = [(r, i) for r, i in zip(plan.request_ids, plan.sample_index) if i >= 0]
             if sampled:
-                logits = self.model.compute_logits(hidden[sample_rows])
-                specs = [self._specs[c.request_id] for c in sampled]
-                result.token_ids = self.sampler(logits, specs, [c.sample_index for c in sampled])
-                result.request_ids = [c.request_id for c in sampled]
+                logits = self.model.compute_logits(hidden[inputs.sample_rows])
+                result.request_ids = [r for r, _ in sampled]
+                result.token_ids = self.sampler(logits, [self._specs[r] for r in result.request_ids],
+                                                [i for _, i in sampled])
         if self.swaps is not None:
-            if not plan.chunks and not result.swap_wait_s and self.swaps.num_in_flight:
+            if not plan.request_ids and not result.swap_wait_s and self.swaps.num_in_flight:
                 # nothing to compute: the engine waits for copies, so block on one instead of spinning
                 result.swap_wait_s += self.swaps.wait_any(timeout_s=1.0)
             result.swaps_done = self.swaps.poll()
@@ -144,43 +150,3 @@ class ModelRunner:
             for command in commands:
                 self.swaps.submit(command)
             result.swap_wait_s += self.swaps.wait([c.swap_id for c in commands if c.wait])
-
-    def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        bs = self.block_size
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        max_blocks = max(len(c.block_ids) for c in plan.chunks)
-        tables = torch.zeros(len(plan.chunks), max_blocks, dtype=torch.int32)
-        for i, chunk in enumerate(plan.chunks):
-            n = len(chunk.token_ids)
-            pos = range(chunk.start_pos, chunk.start_pos + n)
-            token_ids.extend(chunk.token_ids)
-            positions.extend(pos)
-            slots.extend(chunk.block_ids[p // bs] * bs + p % bs for p in pos)
-            query_start.append(query_start[-1] + n)
-            seq_lens.append(chunk.start_pos + n)
-            tables[i, : len(chunk.block_ids)] = torch.tensor(chunk.block_ids, dtype=torch.int32)
-            if chunk.sample:
-                sample_rows.append(query_start[-1] - 1)
-        dev = self.device
-        query_lens = [b - a for a, b in zip(query_start, query_start[1:])]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=tables.to(dev),
-            query_lens_host=query_lens,
-            seq_lens_host=seq_lens,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-        )
-        return (
-            torch.tensor(token_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            meta,
-            torch.tensor(sample_rows, dtype=torch.int64, device=dev),
-        )

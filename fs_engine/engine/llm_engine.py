@@ -163,13 +163,13 @@ class LLMEngine:
     # ---- the loop ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
-        if not (plan.chunks or plan.finished_ids or plan.swaps or self.scheduler.has_unfinished()):
+        if not (plan.request_ids or plan.finished_ids or plan.swaps or self.scheduler.has_unfinished()):
             return []
         # a plan with no forward work still goes out while copies are in flight: the worker lands them
         result = self.executor.execute(plan)
         self._execute_s += result.execute_s
         self._swap_wait_s += result.swap_wait_s
-        if plan.chunks:
+        if plan.request_ids:
             self._counters["num_steps"] += 1
             self._counters["num_batched_tokens"] += plan.num_tokens
         outputs = []

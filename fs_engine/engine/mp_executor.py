@@ -14,7 +14,6 @@ that reports ``ProcessFailed``) raises ``EngineDeadError`` within about a second
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import shutil
 import time
@@ -142,9 +141,9 @@ class MultiprocExecutor:
                 self._in_flight.update(c.swap_id for c in commands)
                 self._send(self._swap_commands, SwapBatch(commands))
                 wait_s += self._wait_swaps({c.swap_id for c in commands if c.wait})
-        if plan.chunks or plan.new_requests or plan.finished_ids:
+        if plan.request_ids or plan.new_requests or plan.finished_ids:
             for channel in self._plans:
-                self._send(channel, dataclasses.replace(plan, swaps=[]))
+                self._send(channel, plan.with_swaps([]))
             result: StepResult = self._recv(self._results, f"step {plan.step_id}")
         else:
             result = StepResult(step_id=plan.step_id)

@@ -20,6 +20,7 @@ Freed runs merge with free neighbours, so free memory returns to large extents.
 from __future__ import annotations
 
 import bisect
+import heapq
 
 
 class BlockGroupAllocator:
@@ -33,6 +34,9 @@ class BlockGroupAllocator:
         self._length: dict[int, int] = {0: num_blocks}  # start -> length
         self._start_of_end: dict[int, int] = {num_blocks: 0}  # end (exclusive) -> start
         self._num_free = num_blocks
+        # (-length, start) of every extent ever added: the largest, leftmost live one is found by popping
+        # entries whose extent no longer exists (lazy deletion), so placement never scans all extents
+        self._by_length: list[tuple[int, int]] = [(-num_blocks, 0)]
 
     # ---- queries -----------------------------------------------------------------------------------------
     @property
@@ -41,7 +45,18 @@ class BlockGroupAllocator:
 
     @property
     def largest_free_extent(self) -> int:
-        return max(self._length.values(), default=0)
+        start = self._largest()
+        return 0 if start is None else self._length[start]
+
+    def _largest(self) -> int | None:
+        """Start of the largest free extent (leftmost on ties), or None when nothing is free."""
+        heap = self._by_length
+        while heap:
+            neg_length, start = heap[0]
+            if self._length.get(start) == -neg_length:
+                return start
+            heapq.heappop(heap)  # stale: that extent was taken, split or merged since
+        return None
 
     def free_extents(self) -> list[tuple[int, int]]:
         return [(s, self._length[s]) for s in self._starts]
@@ -59,6 +74,10 @@ class BlockGroupAllocator:
         self._length[start] = length
         self._start_of_end[start + length] = start
         bisect.insort(self._starts, start)
+        heapq.heappush(self._by_length, (-length, start))
+        if len(self._by_length) > 2 * len(self._length) + 64:  # mostly stale entries: rebuild
+            self._by_length = [(-n, s) for s, n in self._length.items()]
+            heapq.heapify(self._by_length)
 
     def _take(self, start: int, offset: int, n: int) -> list[int]:
         """Carve blocks ``[start + offset, start + offset + n)`` out of the free extent at ``start``."""
@@ -82,7 +101,7 @@ class BlockGroupAllocator:
             ids += self._take(after + 1, 0, min(n, self._length[after + 1]))
         while len(ids) < n:
             need = n - len(ids)
-            start = max(self._starts, key=lambda s: (self._length[s], -s))  # largest, leftmost on ties
+            start = self._largest()
             length = self._length[start]
             if length >= need:
                 offset = 0 if start == 0 else (length - need) // 2
@@ -135,6 +154,8 @@ class BlockGroupAllocator:
             total += length
         assert len(self._start_of_end) == len(self._length), "stale end index entries"
         assert total == self._num_free, f"free count {self._num_free} != extents {total}"
+        live = {(-n, s) for s, n in self._length.items()}
+        assert live <= set(self._by_length), "a free extent is missing from the length heap"
 
 
 def runs_of(block_ids: list[int]) -> list[tuple[int, int]]:

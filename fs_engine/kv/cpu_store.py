@@ -178,12 +178,13 @@ class CpuKVStore:
             self._touch(("copy", new_owner))
 
     # ---- prefixes of finished requests -------------------------------------------------------------------
-    def lookup(self, token_ids: list[int], session_id: str | None) -> tuple[list[int], int]:
+    def lookup(self, token_ids: list[int], session_id: str | None,
+               hashes: list[int] | None = None) -> tuple[list[int], int]:
         """The longest stored prefix of ``token_ids`` in whole blocks, leaving at least one token to compute.
-        Returns (host blocks, matched tokens); verified token for token."""
+        Returns (host blocks, matched tokens); verified token for token. ``hashes``: see PrefixIndex.match."""
         if not self.enable_reuse:
             return [], 0
-        hits = self.index.match(token_ids, session_id)
+        hits = self.index.match(token_ids, session_id, hashes)
         for prefix_id in dict.fromkeys(prefix_id for prefix_id, _ in hits):
             self._touch(("prefix", prefix_id))
         if hits:

@@ -35,6 +35,7 @@ class KVCacheManager:
         self._tables: dict[str, list[int]] = {}
         self.resident = PrefixIndex(block_size)  # owners of finished turns' blocks -> their tokens
         self._evictable: dict[str, None] = {}  # settled resident owners, least recently kept first
+        self._num_evictable_blocks = 0
         self.num_resident_evictions = 0
 
     @property
@@ -48,7 +49,7 @@ class KVCacheManager:
 
     @property
     def num_evictable_blocks(self) -> int:
-        return sum(len(self._tables[owner]) for owner in self._evictable)
+        return self._num_evictable_blocks
 
     def holds(self, request_id: str) -> bool:
         return request_id in self._tables
@@ -108,11 +109,13 @@ class KVCacheManager:
     def settle(self, owner: str) -> None:
         """The copy that read ``owner``'s resident blocks has landed: they are an evictable cache now."""
         self._evictable[owner] = None
+        self._num_evictable_blocks += len(self._tables[owner])
 
-    def match_resident(self, token_ids: list[int], session_id: str | None) -> tuple[str | None, int, bool]:
+    def match_resident(self, token_ids: list[int], session_id: str | None,
+                       hashes: list[int] | None = None) -> tuple[str | None, int, bool]:
         """The resident owner holding the longest prefix of ``token_ids`` (one owner's blocks, whole blocks,
         leaving a token to compute): (owner, tokens, settled); (None, 0, False) if none does."""
-        hits = self.resident.match(token_ids, session_id)
+        hits = self.resident.match(token_ids, session_id, hashes)
         if not hits:
             return None, 0, False
         owner = hits[0][0]
@@ -124,14 +127,16 @@ class KVCacheManager:
         enough for ``num_tokens`` tokens; the rest of ``owner``'s blocks are freed."""
         assert owner in self._evictable and not self._tables.get(request_id)
         n = blocks_for(num_tokens, self.block_size)
-        self._tables[request_id] = self._tables[owner][:n]
+        self._tables[request_id] = taken = self._tables[owner][:n]
         del self._tables[owner][:n]
+        self._num_evictable_blocks -= len(taken)
         self._evict(owner, counted=False)
 
     def _evict(self, owner: str, counted: bool = True) -> None:
         del self._evictable[owner]
         self.resident.remove(owner)
         blocks = self._tables.pop(owner)
+        self._num_evictable_blocks -= len(blocks)
         if blocks:
             self.allocator.free(blocks)
         self.num_resident_evictions += counted
@@ -152,6 +157,7 @@ class KVCacheManager:
         assert len(held) + self.num_unused_blocks == self.num_blocks, "blocks leaked or double-counted"
         self.resident.check_invariants()
         assert all(owner in self.resident for owner in self._evictable), "an evictable owner is not resident"
+        assert self._num_evictable_blocks == sum(len(self._tables[o]) for o in self._evictable), "evictable count"
         for owner in self._tables:
             if owner in self.resident:
                 assert len(self.resident.tokens(owner)) == len(self._tables[owner]) * self.block_size

@@ -16,8 +16,14 @@ from collections.abc import Hashable
 
 def chain_hashes(token_ids: list[int], block_size: int, num_blocks: int, session_id: str | None) -> list[int]:
     """Hash of block i covers the session and every token of blocks 0..i (a prefix, not just the block)."""
-    out, h = [], hash(("fs-kv", session_id))
-    for i in range(num_blocks):
+    return extend_chain(None, token_ids, block_size, 0, num_blocks, session_id)
+
+
+def extend_chain(last: int | None, token_ids: list[int], block_size: int, start: int, end: int,
+                 session_id: str | None) -> list[int]:
+    """Chain hashes of blocks ``start..end-1``, given ``last``, the hash of block ``start - 1`` (None at 0)."""
+    out, h = [], hash(("fs-kv", session_id)) if last is None else last
+    for i in range(start, end):
         h = hash((h, tuple(token_ids[i * block_size : (i + 1) * block_size])))
         out.append(h)
     return out
@@ -55,15 +61,19 @@ class PrefixIndex:
             if self._by_hash.get(h, (None,))[0] == key:
                 del self._by_hash[h]
 
-    def match(self, token_ids: list[int], session_id: str | None) -> list[tuple[Hashable, int]]:
+    def match(self, token_ids: list[int], session_id: str | None,
+              hashes: list[int] | None = None) -> list[tuple[Hashable, int]]:
         """``(key, block index)`` serving each of ``token_ids``' first blocks, as far as they are stored,
-        leaving at least one token to compute (a request must compute something to sample from)."""
+        leaving at least one token to compute (a request must compute something to sample from).
+        ``hashes``: the chain hashes of ``token_ids``' full blocks when the caller has them cached."""
         if not self._by_hash:
             return []
         max_blocks = (len(token_ids) - 1) // self.block_size
+        if hashes is None:
+            hashes = chain_hashes(token_ids, self.block_size, max_blocks, session_id)
         hits: list[tuple[Hashable, int]] = []
         verified_key, verified_to = None, 0  # the entry whose tokens [0, verified_to) equal token_ids'
-        for i, h in enumerate(chain_hashes(token_ids, self.block_size, max_blocks, session_id)):
+        for i, h in enumerate(hashes[:max_blocks]):
             hit = self._by_hash.get(h)
             if hit is None or hit[1] != i:
                 break

@@ -3,6 +3,10 @@
 A policy only orders requests and keeps its own accounting; the scheduler decides what fits and whom to
 preempt. Ties always fall back to arrival order, so every ranking is total and deterministic.
 
+Every rank has the shape ``(*group_rank(group(request)), arrival_seq)``: requests fall into groups (one for
+fcfs, a priority level, a tenant) whose order inside never changes, so the scheduler keeps them ranked
+incrementally (``fs_engine.sched.ranking``); ``rank_version`` changes whenever group ranks move.
+
 - ``fcfs``: arrival order (vLLM's behaviour).
 - ``priority``: the client's integer priority, lower first; ``LLMEngine.update_priority`` changes it live.
 - ``vtc``: Virtual Token Counter fair share across tenants (Sheng et al., OSDI 2024). Each tenant's counter
@@ -14,7 +18,7 @@ preempt. Ties always fall back to arrival order, so every ranking is total and d
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
 from fs_engine.request import Request
 
@@ -24,10 +28,20 @@ OUTPUT_TOKEN_COST = 2.0
 
 class Policy(ABC):
     name: str
+    rank_version = 0  # bumped whenever a group's rank changes
+    accounts_service = False  # on_served does something (the scheduler skips the call otherwise)
 
     @abstractmethod
+    def group(self, request: Request) -> Hashable:
+        """The group whose rank the request takes (requests of one group are ordered by arrival)."""
+
+    @abstractmethod
+    def group_rank(self, group: Hashable) -> tuple:
+        """Sort key of a group: its requests run before those of groups with larger keys."""
+
     def rank(self, request: Request) -> tuple:
         """Sort key: requests with smaller keys are scheduled first."""
+        return (*self.group_rank(self.group(request)), request.arrival_seq)
 
     def on_arrival(self, request: Request, live: Iterable[Request]) -> None:
         """A request was added; ``live`` are the requests already in the engine."""
@@ -45,19 +59,26 @@ class Policy(ABC):
 class FCFSPolicy(Policy):
     name = "fcfs"
 
-    def rank(self, request: Request) -> tuple:
-        return (request.arrival_seq,)
+    def group(self, request: Request) -> Hashable:
+        return None
+
+    def group_rank(self, group: Hashable) -> tuple:
+        return ()
 
 
 class PriorityPolicy(Policy):
     name = "priority"
 
-    def rank(self, request: Request) -> tuple:
-        return (request.priority, request.arrival_seq)
+    def group(self, request: Request) -> Hashable:
+        return request.priority
+
+    def group_rank(self, group: Hashable) -> tuple:
+        return (group,)
 
 
 class VTCPolicy(Policy):
     name = "vtc"
+    accounts_service = True
 
     def __init__(self, weights: dict[str, float] | None = None) -> None:
         self.weights = dict(weights or {})
@@ -67,8 +88,11 @@ class VTCPolicy(Policy):
     def weight(self, tenant: str) -> float:
         return self.weights.get(tenant, 1.0)
 
-    def rank(self, request: Request) -> tuple:
-        return (self.counters.get(request.tenant, 0.0), request.arrival_seq)
+    def group(self, request: Request) -> Hashable:
+        return request.tenant
+
+    def group_rank(self, group: Hashable) -> tuple:
+        return (self.counters.get(group, 0.0),)
 
     def on_arrival(self, request: Request, live: Iterable[Request]) -> None:
         tenant = request.tenant
@@ -79,11 +103,13 @@ class VTCPolicy(Policy):
         current = self.counters.get(tenant, 0.0)
         # returning from idle: catch up to the least-served active tenant, never fall behind it
         self.counters[tenant] = current if floor is None else max(current, floor)
+        self.rank_version += 1
 
     def on_served(self, request: Request, prompt_tokens: int, output_tokens: int) -> None:
         cost = PROMPT_TOKEN_COST * prompt_tokens + OUTPUT_TOKEN_COST * output_tokens
         tenant = request.tenant
         self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / self.weight(tenant)
+        self.rank_version += 1
         self.served_tokens[tenant] = self.served_tokens.get(tenant, 0.0) + cost
 
     def stats(self) -> dict[str, float]:

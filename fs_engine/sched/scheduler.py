@@ -29,6 +29,12 @@ The safety rules of the design, as enforced here:
    stays as a valid cache) and the request runs on from its still-owned device blocks.
 
 The scheduler never touches tensors; the plan it returns is executed by the workers.
+
+Its per-step cost follows the batch, not the number of live requests: requests stay ranked in a
+``RankedQueue`` updated on arrival, priority change, status change and finish (never re-sorted), the
+running ones in a second queue for victim searches, status counts are kept as statuses change, a waiting
+request's block hashes are computed once, and a step stops looking once nobody below could change it. A
+plan sends each request's block table to the worker once and then only the blocks it gained.
 """
 
 from __future__ import annotations
@@ -42,10 +48,12 @@ from fs_engine.kv.cpu_store import CpuKVStore
 from fs_engine.kv.kv_manager import KVCacheManager, blocks_for
 from fs_engine.request import Request, RequestStatus
 from fs_engine.sched.policies import Policy, make_policy
-from ipc.messages import NewRequest, ScheduledChunk, StepPlan, StepResult, SwapCommand, SwapDone
+from fs_engine.sched.ranking import RankedQueue
+from ipc.messages import NewRequest, StepPlan, StepResult, SwapCommand, SwapDone
 
 S = RequestStatus
 _SEATED = (S.RUNNING, S.SWAPPING_IN)  # statuses that count against max_num_seqs
+_NO_BLOCKS: list[int] = []  # (never mutated)
 
 
 @dataclass
@@ -73,7 +81,11 @@ class Scheduler:
         self.kv = kv
         self.cpu_store = cpu_store
         self.policy = policy or make_policy(config.policy, config.tenant_weights)
+        self._accounts_service = type(self.policy).on_served is not Policy.on_served
         self.requests: dict[str, Request] = {}
+        self._ranked = RankedQueue(self.policy)  # every live request
+        self._running = RankedQueue(self.policy)  # the RUNNING ones (victims are searched from the bottom)
+        self._counts = dict.fromkeys(S, 0)  # live requests per status
         self._inflight: dict[int, _InFlight] = {}
         self._pending: list[SwapCommand] = []  # write-backs issued between steps, sent with the next plan
         self._swap_ids = itertools.count(1)
@@ -96,21 +108,39 @@ class Scheduler:
         self.swap_in_bytes = 0
 
     # ---- views -------------------------------------------------------------------------------------------
-    def _ranked(self, status: RequestStatus | None = None) -> list[Request]:
-        live = self.requests.values() if status is None else (r for r in self.requests.values() if r.status is status)
-        return sorted(live, key=self.policy.rank)
-
     @property
     def running(self) -> list[Request]:
-        return self._ranked(S.RUNNING)
+        return list(self._running)
 
     @property
     def waiting(self) -> list[Request]:
-        return self._ranked(S.WAITING)
+        return [r for r in self._ranked if r.status is S.WAITING]
 
     @property
     def swapped(self) -> list[Request]:
-        return self._ranked(S.SWAPPED)
+        return [r for r in self._ranked if r.status is S.SWAPPED]
+
+    @property
+    def _num_seated(self) -> int:
+        return self._counts[S.RUNNING] + self._counts[S.SWAPPING_IN]
+
+    # ---- keeping the views current (the requests' observer) ----------------------------------------------
+    def status_changed(self, request: Request, old: RequestStatus) -> None:
+        new = request.status
+        self._counts[old] -= 1
+        if old is S.RUNNING:
+            self._running.remove(request)
+        if new.finished:
+            self._ranked.remove(request)
+            request.observer = None
+            return
+        self._counts[new] += 1
+        if new is S.RUNNING:
+            self._running.add(request)
+
+    def priority_changed(self, request: Request) -> None:
+        self._ranked.regroup(request)
+        self._running.regroup(request)
 
     def has_unfinished(self) -> bool:
         """Requests live, or copies still to issue or to land (their blocks are not free yet)."""
@@ -122,8 +152,12 @@ class Scheduler:
 
     # ---- request lifecycle -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        assert request.status is S.WAITING and request.observer is None, f"{request} was scheduled before"
         self.policy.on_arrival(request, self.requests.values())
         self.requests[request.request_id] = request
+        self._counts[S.WAITING] += 1
+        self._ranked.add(request)
+        request.observer = self
 
     def update_priority(self, request_id: str, priority: int) -> None:
         request = self.requests.get(request_id)
@@ -192,44 +226,61 @@ class Scheduler:
         self._finished_for_worker, self._pending = [], []
         self._release_after_plan, self._preempted_now = [], set()
         budget = self.config.max_num_batched_tokens
-        ranked = self._ranked()
+        max_seqs = self.config.max_num_seqs
+        block_size = self.kv.block_size
         in_batch: set[str] = set()
+        preempted_now = self._preempted_now
         blocked = False  # a higher-ranked waiting or swapped request did not fit: lower ones wait behind it
         memory_waiter = False  # a higher-ranked request waits for device blocks in flight to be freed
-        for request in ranked:
-            if budget <= 0 or len(in_batch) >= self.config.max_num_seqs:
+        # requests below the current one that hold device blocks (running or swapping out when the step
+        # began): once blocked and past the last of them, nothing further down can change this step
+        active_below = self._counts[S.RUNNING] + self._counts[S.SWAPPING_OUT]
+        for request in self._ranked:
+            if budget <= 0 or len(in_batch) >= max_seqs or (blocked and active_below <= 0):
                 break
-            if request.status is S.SWAPPING_OUT:
+            status = request.status
+            rid = request.request_id
+            if status is S.RUNNING:  # the common case, kept lean: a decode step or the next prompt chunk
+                active_below -= 1
+                num_new = min(len(request.token_ids) - request.num_computed_tokens, budget)
+                table = self.kv.block_ids(rid)
+                if request.num_computed_tokens + num_new > len(table) * block_size:
+                    grown = self._grow(plan, request, num_new, in_batch)
+                    memory_waiter = memory_waiter or grown == "wait"
+                    if grown != "ok":
+                        continue
+                    table = self.kv.block_ids(rid)
+                self._add_chunk(plan, request, num_new, table)
+                in_batch.add(rid)
+                budget -= num_new
+                continue
+            if status is S.SWAPPING_OUT or rid in preempted_now:
+                active_below -= 1
+            if status is S.SWAPPING_OUT:
                 # rule 6: ranked above everyone waiting for memory, it keeps its device blocks when the copy
                 # lands; below a waiter, those blocks are promised to the waiter
                 request.reclaim = not memory_waiter
                 continue
-            if request.status is S.SWAPPING_IN:
+            if status is S.SWAPPING_IN:
                 continue  # rule 3
-            if request.status is not S.RUNNING:
-                blocked = blocked or request.request_id in self._preempted_now  # victims do not bounce back
-                if blocked:
-                    continue
-                admitted = self._admit(plan, request, budget, ranked, in_batch)
-                if admitted is None:
-                    blocked = memory_waiter = True
-                    continue
-                if not admitted:  # swapping in asynchronously: it runs once the copy lands
-                    continue
+            blocked = blocked or rid in preempted_now  # victims do not bounce back
+            if blocked:
+                continue
+            admitted = self._admit(plan, request, budget, in_batch)
+            if admitted is None:
+                blocked = memory_waiter = True
+                continue
+            if not admitted:  # swapping in asynchronously: it runs once the copy lands
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if request.status is S.RUNNING:
-                grown = self._grow(plan, request, num_new, ranked, in_batch)
-                memory_waiter = memory_waiter or grown == "wait"
-                if grown != "ok":
-                    continue
-            self._add_chunk(plan, request, num_new)
-            in_batch.add(request.request_id)
+            self._add_chunk(plan, request, num_new, self.kv.block_ids(rid))
+            in_batch.add(rid)
             budget -= num_new
         for owner in self._release_after_plan:  # rule 4: no swap-out of this plan may land on these blocks
             self.cpu_store.release(owner)
         return plan
 
-    def _grow(self, plan: StepPlan, request: Request, num_new: int, ranked: list[Request], in_batch: set[str]) -> str:
+    def _grow(self, plan: StepPlan, request: Request, num_new: int, in_batch: set[str]) -> str:
         """Blocks for a running request's next tokens. Preempts lower-ranked running requests outside the batch
         (cooldown ignored: the memory must come from somewhere), else the request itself. Returns "ok", "wait"
         (blocks that in-flight swap-outs will free are enough: it skips this step) or "preempted"."""
@@ -237,20 +288,20 @@ class Scheduler:
         while not self.kv.allocate_slots(request.request_id, target):
             if self._soon_free_blocks() >= self.kv.num_blocks_needed(request.request_id, target):
                 return "wait"
-            victim = next((v for v in reversed(ranked) if v is not request and v.status is S.RUNNING
-                           and v.request_id not in in_batch), None)
+            victim = next((v for v in self._running.reversed() if v is not request and v.request_id not in in_batch),
+                          None)
             self._preempt(plan, victim or request)
             if victim is None:
                 return "preempted"
         return "ok"
 
-    def _admit(self, plan: StepPlan, request: Request, budget: int, ranked: list[Request], in_batch: set[str]):
+    def _admit(self, plan: StepPlan, request: Request, budget: int, in_batch: set[str]):
         """Bring in a waiting or swapped request. True: it runs this step; False: it is swapping in
         asynchronously; None: it does not fit (yet)."""
         rid = request.request_id
         matched = self._pin_reusable_kv(request) if request.status is S.WAITING and self._reuse else 0
         resident, resident_tokens, settled = (
-            self.kv.match_resident(request.token_ids, request.session_id)
+            self.kv.match_resident(request.token_ids, request.session_id, request.block_hashes(self.kv.block_size))
             if request.status is S.WAITING and self._reuse else (None, 0, False))
         if resident_tokens and resident_tokens >= matched and not settled:
             # the device holds its history, but a write-back still reads those blocks: adopt them once it lands
@@ -263,7 +314,7 @@ class Scheduler:
         computed = request.num_computed_tokens if request.status is S.SWAPPED else max(matched, resident_tokens)
         num_new = min(request.num_tokens - computed, budget)
         need = blocks_for(computed + num_new, self.kv.block_size)
-        victims = self._victims_for(request, need, ranked, in_batch)
+        victims = self._victims_for(request, need, in_batch)
         if victims is not None:
             for victim in victims:  # the KV to swap in is pinned: no victim's swap-out can evict it
                 self._preempt(plan, victim)
@@ -302,7 +353,8 @@ class Scheduler:
         own = self.cpu_store.copy_of(rid)
         limit = (request.num_tokens - 1) // self.kv.block_size * self.kv.block_size
         own_tokens = min(own.valid_tokens, limit) // self.kv.block_size * self.kv.block_size if own else 0
-        prefix_blocks, prefix_tokens = self.cpu_store.lookup(request.token_ids, request.session_id)
+        prefix_blocks, prefix_tokens = self.cpu_store.lookup(request.token_ids, request.session_id,
+                                                             request.block_hashes(self.kv.block_size))
         if prefix_tokens > own_tokens:
             self.cpu_store.discard(rid)  # a stale copy shorter than what the store offers
             self.cpu_store.attach_prefix(rid, prefix_blocks, prefix_tokens)
@@ -313,8 +365,7 @@ class Scheduler:
 
     def _swap_in(self, plan: StepPlan, request: Request, host_blocks: list[int]) -> bool:
         mode = self.swap.swap_mode
-        runnable = sum(1 for r in self.requests.values() if r.status is S.RUNNING)
-        wait = mode == "sync" or (mode == "adaptive" and runnable < self.swap.adaptive_min_batch)
+        wait = mode == "sync" or (mode == "adaptive" and self._counts[S.RUNNING] < self.swap.adaptive_min_batch)
         gpu_blocks = self.kv.block_ids(request.request_id)[: len(host_blocks)]
         swap_id = next(self._swap_ids)
         self._inflight[swap_id] = _InFlight("in", request.request_id, request, request.num_computed_tokens, wait)
@@ -327,21 +378,20 @@ class Scheduler:
             request.status = S.SWAPPING_IN
         return wait
 
-    def _victims_for(
-        self, request: Request, need_blocks: int, ranked: list[Request], in_batch: set[str]
-    ) -> list[Request] | None:
+    def _victims_for(self, request: Request, need_blocks: int, in_batch: set[str]) -> list[Request] | None:
         """The fewest lower-ranked running requests (lowest first, past their cooldown) whose preemption makes
         room for ``request``: [] if it fits already (or will once in-flight swap-outs land), None if even all
         of them would not do, so that nobody is preempted for nothing."""
         free_blocks = self.kv.num_free_blocks + self._soon_free_blocks()
-        seats = self.config.max_num_seqs - sum(1 for r in self.requests.values() if r.status in _SEATED)
+        seats = self.config.max_num_seqs - self._num_seated
         rank = self.policy.rank(request)
         victims: list[Request] = []
-        for victim in reversed(ranked):
+        for victim in self._running.reversed():  # lowest-ranked first
             if free_blocks >= need_blocks and seats > 0:
                 return victims
-            if (victim is request or victim.status is not S.RUNNING or victim.request_id in in_batch
-                    or self.policy.rank(victim) <= rank
+            if self.policy.rank(victim) <= rank:
+                break  # everyone further up ranks above the request too
+            if (victim.request_id in in_batch
                     or self._step_id - victim.scheduled_in_step < self.config.preemption_cooldown_steps):
                 continue
             victims.append(victim)
@@ -426,8 +476,7 @@ class Scheduler:
                 request.scheduled_in_step = self._step_id
                 self.cpu_store.release(request.request_id)
         elif request.status is S.SWAPPING_OUT:
-            seated = sum(1 for r in self.requests.values() if r.status in _SEATED)
-            if request.reclaim and seated < self.config.max_num_seqs:  # rule 6: run on from the device copy
+            if request.reclaim and self._num_seated < self.config.max_num_seqs:  # rule 6: run on from the device copy
                 request.status = S.RUNNING
                 request.scheduled_in_step = self._step_id
                 self.cpu_store.release(request.request_id)
@@ -440,48 +489,50 @@ class Scheduler:
         service. Returns the requests that received a token (stop checks are the caller's)."""
         for done in result.swaps_done:
             self._complete(done)
-        for chunk in plan.chunks:
-            request = self.requests.get(chunk.request_id)
+        requests, accounts = self.requests, self._accounts_service
+        for request_id, start, n in zip(plan.request_ids, plan.start_pos, plan.num_scheduled):
+            request = requests.get(request_id)
             if request is None:
                 continue
-            end = chunk.start_pos + len(chunk.token_ids)
-            # service counts prompt tokens the first time they are computed, never recomputation
-            new_prompt = max(0, min(end, request.num_prompt_tokens) - request.num_prompt_tokens_served)
-            request.num_prompt_tokens_served += new_prompt
+            end = start + n
             request.num_computed_tokens = end
-            if new_prompt:
-                self.policy.on_served(request, new_prompt, 0)
+            if request.num_prompt_tokens_served < request.num_prompt_tokens:
+                # service counts prompt tokens the first time they are computed, never recomputation
+                new_prompt = max(0, min(end, request.num_prompt_tokens) - request.num_prompt_tokens_served)
+                request.num_prompt_tokens_served += new_prompt
+                if new_prompt and accounts:
+                    self.policy.on_served(request, new_prompt, 0)
         progressed = []
         for request_id, token_id in zip(result.request_ids, result.token_ids):
-            request = self.requests.get(request_id)
+            request = requests.get(request_id)
             if request is None:  # aborted while its step ran
                 continue
-            request.append_token(token_id)
-            self.policy.on_served(request, 0, 1)
+            request.token_ids.append(token_id)
+            if accounts:
+                self.policy.on_served(request, 0, 1)
             progressed.append(request)
         return progressed
 
-    def _add_chunk(self, plan: StepPlan, request: Request, num_new: int) -> None:
-        start = request.num_computed_tokens
+    def _add_chunk(self, plan: StepPlan, request: Request, num_new: int, table: list[int]) -> None:
+        """``table``: the request's block table (``kv.block_ids``), covering the chunk."""
         if not request.sent_to_worker:
             plan.new_requests.append(NewRequest(request.request_id, request.params.to_spec()))
             request.sent_to_worker = True
-        plan.chunks.append(
-            ScheduledChunk(
-                request_id=request.request_id,
-                token_ids=request.token_ids[start : start + num_new],
-                start_pos=start,
-                block_ids=list(self.kv.block_ids(request.request_id)),
-                sample=start + num_new == request.num_tokens,
-                sample_index=request.num_output_tokens,
-            )
-        )
+        # the worker holds the table it was last sent: send only the blocks added since, or the whole table
+        # when the KV manager holds a new one (the request was preempted, swapped in or adopted blocks); the
+        # manager only ever appends to a table it keeps, so the list object identifies the table
+        kept = request.worker_table_len if request.worker_table is table else 0
+        request.worker_table, request.worker_table_len = table, len(table)
+        start = request.num_computed_tokens
+        end = start + num_new
+        tokens = request.token_ids
+        sample_index = end - len(request.prompt_token_ids) if end == len(tokens) else -1
+        plan.append(request.request_id, tokens[start:end], start, sample_index, kept,
+                    table[kept:] if kept < len(table) else _NO_BLOCKS)
 
     # ---- introspection -----------------------------------------------------------------------------------
     def stats(self) -> dict[str, int | float]:
-        counts = dict.fromkeys(S, 0)
-        for r in self.requests.values():
-            counts[r.status] += 1
+        counts = self._counts
         store = self.cpu_store
         return {
             "num_running": counts[S.RUNNING],
@@ -530,3 +581,10 @@ class Scheduler:
                 assert not on_device and r.num_computed_tokens == 0, f"{r} waits holding device blocks"
         seated = sum(1 for r in self.requests.values() if r.status in _SEATED)
         assert seated <= self.config.max_num_seqs, "more seated requests than max_num_seqs"
+        counts = dict.fromkeys(S, 0)
+        for r in self.requests.values():
+            counts[r.status] += 1
+        assert counts == self._counts, f"status counts {self._counts} != {counts}"
+        live = list(self.requests.values())
+        self._ranked.check_invariants(live)
+        self._running.check_invariants([r for r in live if r.status is S.RUNNING])

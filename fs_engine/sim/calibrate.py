@@ -116,15 +116,15 @@ class _StepTimer:
         start = time.perf_counter()
         outputs = self._step()
         seconds = time.perf_counter() - start
-        if self._last is not None and self._last[0].chunks:
+        if self._last is not None and self._last[0].request_ids:
             plan, waited = self._last
             self.samples.append(StepSample(_shape_of(plan), seconds - waited))
         return outputs
 
 
 def _shape_of(plan) -> StepShape:
-    return StepShape([len(c.token_ids) for c in plan.chunks], [c.start_pos + len(c.token_ids) for c in plan.chunks],
-                     sum(1 for c in plan.chunks if c.sample), async_commands=sum(1 for c in plan.swaps if not c.wait))
+    return StepShape(list(plan.num_scheduled), [s + q for s, q in zip(plan.start_pos, plan.num_scheduled)],
+                     len(plan.sampled_ids), async_commands=sum(1 for c in plan.swaps if not c.wait))
 
 
 def measure_serving(engine: Any, trace: Any) -> list[StepSample]:

@@ -137,15 +137,14 @@ class SimExecutor:
         t = start = self.clock.now()
         result = StepResult(step_id=plan.step_id)
         if self.model_worker is not None:
-            executed = self.model_worker.execute(dataclasses.replace(
-                plan, swaps=[dataclasses.replace(c, wait=True) for c in plan.swaps]))
+            executed = self.model_worker.execute(plan.with_swaps([dataclasses.replace(c, wait=True) for c in plan.swaps]))
             result.request_ids, result.token_ids = executed.request_ids, executed.token_ids
         for kind in ("out", "in"):  # waited swap-outs land before swap-ins may reuse their device blocks
             ends = [(self._submit(c, t), c.wait) for c in plan.swaps if c.kind == kind]
             t = max([t, *(end for end, wait in ends if wait)])
         stall = t - start
         forward = 0.0
-        if plan.chunks:
+        if plan.request_ids:
             forward = self._forward_s(plan, t)
             t += forward
             if self.model_worker is None:
@@ -174,9 +173,9 @@ class SimExecutor:
         return end
 
     def _forward_s(self, plan: StepPlan, t: float) -> float:
-        query_lens = [len(c.token_ids) for c in plan.chunks]
-        context_lens = [c.start_pos + len(c.token_ids) for c in plan.chunks]
-        num_sampled = sum(1 for c in plan.chunks if c.sample)
+        query_lens = plan.num_scheduled
+        context_lens = [s + q for s, q in zip(plan.start_pos, query_lens)]
+        num_sampled = len(plan.sampled_ids)
         graph_batch = 0
         if self.graph_sizes and all(q == 1 for q in query_lens) and len(query_lens) <= self.graph_sizes[-1]:
             graph_batch = next(b for b in self.graph_sizes if b >= len(query_lens))
@@ -187,10 +186,13 @@ class SimExecutor:
         return seconds + overlap * self.profile.copy_interference
 
     def _sample(self, plan: StepPlan, result: StepResult) -> None:
-        for chunk in plan.chunks:
-            if chunk.sample:
-                result.request_ids.append(chunk.request_id)
-                result.token_ids.append(self.fake_token(chunk.token_ids[-1], chunk.start_pos + len(chunk.token_ids)))
+        end = 0
+        for request_id, start, n, sample_index in zip(plan.request_ids, plan.start_pos, plan.num_scheduled,
+                                                      plan.sample_index):
+            end += n
+            if sample_index >= 0:
+                result.request_ids.append(request_id)
+                result.token_ids.append(self.fake_token(plan.token_ids[end - 1], start + n))
 
     def fake_token(self, last_token: int, position: int) -> int:
         """A deterministic 'greedy' token: a hash of the last token and its position, never an eos id."""
@@ -207,8 +209,8 @@ class SimExecutor:
         stats["sim_steps"] += 1
         if self.record_steps:
             self.steps.append({
-                "t": start, "seconds": end - start, "num_seqs": len(plan.chunks), "num_tokens": plan.num_tokens,
-                "num_prefill": sum(1 for c in plan.chunks if len(c.token_ids) > 1),
+                "t": start, "seconds": end - start, "num_seqs": plan.num_chunks, "num_tokens": plan.num_tokens,
+                "num_prefill": sum(1 for n in plan.num_scheduled if n > 1),
                 "swap_out_blocks": sum(n for c in plan.swaps if c.kind == "out" for *_, n in c.runs),
                 "swap_in_blocks": sum(n for c in plan.swaps if c.kind == "in" for *_, n in c.runs),
                 "copies_in_flight": len(self._in_flight), "stall_s": stall,

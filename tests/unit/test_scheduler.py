@@ -11,6 +11,7 @@ import zlib
 from dataclasses import dataclass
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,7 @@ from fs_engine.request import Request, RequestStatus
 from fs_engine.sampling_params import SamplingParams
 from fs_engine.sched.scheduler import Scheduler
 from ipc.messages import ScheduledChunk, StepPlan, StepResult, SwapCommand, SwapDone
+from workers.input_batch import InputBatch
 
 
 def token_for(request_id: str, index: int) -> int:
@@ -29,10 +31,14 @@ def token_for(request_id: str, index: int) -> int:
 
 
 class FakeWorker:
-    def __init__(self) -> None:
+    """The worker's side of the protocol without a model: sampling specs, and the real worker's block tables
+    (``InputBatch``, updated from each plan's diffs), which the harness compares with the frontend's."""
+
+    def __init__(self, max_blocks_per_seq: int = 1024) -> None:
         self.specs: dict = {}
         self.ever_seen: list[str] = []
         self.finished: list[str] = []
+        self.batch = InputBatch(1, max_blocks_per_seq, torch.device("cpu"))
 
     def execute(self, plan: StepPlan) -> StepResult:
         # forget first: an id may be finished and (as a new request) announced again in one plan
@@ -47,6 +53,7 @@ class FakeWorker:
         sampled = [c for c in plan.chunks if c.sample]
         for chunk in plan.chunks:
             assert chunk.request_id in self.specs, f"chunk for {chunk.request_id!r} before its NewRequest"
+        self.batch.update(plan)
         return StepResult(
             step_id=plan.step_id,
             request_ids=[c.request_id for c in sampled],
@@ -80,6 +87,8 @@ class Harness:
         self.check_plan(plan)
         self.plans.append(plan)
         result = self.worker.execute(plan)
+        for rid in plan.request_ids:  # the worker's view of every table it computes with is the frontend's
+            assert self.worker.batch.table(rid) == self.kv.block_ids(rid), f"step {plan.step_id}: {rid}'s table"
         for request in self.sched.update(plan, result):
             if request.num_output_tokens >= self.max_tokens[request.request_id]:
                 self.sched.finish(request, RequestStatus.FINISHED_LENGTH)
@@ -114,9 +123,10 @@ class Harness:
             assert chunk.sample == (chunk.start_pos + n == request.num_tokens)
             if chunk.sample:
                 assert chunk.sample_index == request.num_output_tokens
-            assert chunk.block_ids == self.kv.block_ids(chunk.request_id)
-            assert len(chunk.block_ids) >= blocks_for(chunk.start_pos + n, self.kv.block_size)
-            used_blocks += chunk.block_ids
+            table = self.kv.block_ids(chunk.request_id)
+            assert chunk.block_ids == table[chunk.table_start :]  # the blocks the worker does not hold yet
+            assert len(table) >= blocks_for(chunk.start_pos + n, self.kv.block_size)
+            used_blocks += table
         assert len(used_blocks) == len(set(used_blocks)), "two requests in one step share a block"
 
     def check_all_done(self) -> None:
@@ -567,7 +577,7 @@ class KVFakeWorker(FakeWorker):
             end = start + len(chunk.token_ids)
             tokens = self.tokens_of(rid, end)
             assert chunk.token_ids == tokens[start:], f"step {plan.step_id}: {rid} computes the wrong tokens"
-            table, bs = chunk.block_ids, self.block_size
+            table, bs = self.batch.table(rid), self.block_size
             reads = {("dev", table[p // bs]) for p in range(start)}
             writes = {("dev", table[p // bs]) for p in range(start, end)}
             self._check_race(reads, writes, f"the chunk of {rid}")
@@ -954,10 +964,10 @@ def test_fake_kv_worker_catches_a_swap_that_moves_the_wrong_blocks():
     fill(worker.host, [1], "y", [5, 6], 2)
     worker.specs["x"] = None
     ok = StepPlan(step_id=1, swaps=[SwapCommand(1, "in", [(0, 3, 1)], wait=True)])
-    ok.chunks.append(ScheduledChunk("x", [token_for("x", 0)], 2, [3, 0], sample=True))
+    ok.add_chunk(ScheduledChunk("x", [token_for("x", 0)], 2, [3, 0], sample=True))
     assert [d.swap_id for d in worker.execute(ok).swaps_done] == [1]
     bad = StepPlan(step_id=2, swaps=[SwapCommand(2, "in", [(1, 2, 1)], wait=True)])
-    bad.chunks.append(ScheduledChunk("x", [token_for("x", 0)], 2, [2, 0], sample=True))
+    bad.add_chunk(ScheduledChunk("x", [token_for("x", 0)], 2, [2, 0], sample=True))
     with pytest.raises(AssertionError, match="reads"):
         worker.execute(bad)
 
@@ -1710,7 +1720,8 @@ def test_rule6_a_request_that_regains_priority_while_swapping_out_is_reclaimed()
     assert h.num_reclaims == 1 and h.store.copy_of("low") is None  # no kv reuse: the host copy is dropped
     plan = h.step()
     (chunk,) = [c for c in plan.chunks if c.request_id == "low"]
-    assert chunk.start_pos == 16 and chunk.block_ids[:4] == device  # tokens intact (the worker read them)
+    # tokens intact (the worker read them), and the worker kept the table it had: only the new block is sent
+    assert chunk.start_pos == 16 and h.worker.batch.table("low")[:4] == device and chunk.table_start == 4
     h.worker.delay = 0
     h.run()
     h.check_all_done()
