@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VLLM_PYTHON = REPO.parent / "vllm-cpu-venv" / "bin" / "python"
+VLLM_BUSY_POLL_S = 1.0  # vLLM's worker spins on its shared-memory queue this long after each message
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
@@ -81,6 +82,7 @@ class VllmPeer:
         self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
         self.proc.stdin.flush()
         reply = self._read()
+        time.sleep(VLLM_BUSY_POLL_S + 0.5)  # let that spin end: on 2 cores it would slow the next timed run
         return reply["seconds"], reply["token_ids"], {k: reply[k] for k in ("num_steps", "num_cached_tokens")}
 
     def close(self) -> None:

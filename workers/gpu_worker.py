@@ -13,7 +13,7 @@ from fs_engine.kv.kv_manager import blocks_for
 from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
 from ipc.messages import StepPlan, StepResult
-from workers.kv_arena import describe_arena, num_host_blocks, num_kv_blocks
+from workers.kv_arena import allocate_host_arena, describe_arena, num_host_blocks, num_kv_blocks
 from workers.model_runner import ModelRunner
 from workers.parallel import SINGLE, TPContext
 
@@ -44,7 +44,7 @@ class Worker:
         shared_dir: str | None = None,
     ) -> None:
         """``shared_dir``: the multi-process layout. The device arena is shared with the swap process (a
-        shared-memory file there on a CPU, a CUDA IPC handle on a GPU) and this worker owns no host arena."""
+        shared-memory file there on a CPU, a CUDA IPC handle on a GPU). A worker never owns a host arena."""
         self.config = config
         self.shared_dir = shared_dir
         self.arch = arch
@@ -84,10 +84,13 @@ class Worker:
         self.num_blocks = num_kv_blocks(self.config.cache, self.layout, self.device, max_useful)
         self.num_host_blocks = num_host_blocks(self.config.cache, self.layout, max_useful)
         self.shared_path = f"{self.shared_dir}/kv-rank{self.tp.rank}.bin" if self.shared_dir else None
-        local_host_blocks = 0 if self.shared_dir else self.num_host_blocks
-        self.runner.init_kv_cache(self.layout, self.num_blocks, local_host_blocks, self.config.swap.copy_granularity,
-                                  self.config.swap.swap_threads, self.shared_path)
+        self.runner.init_kv_cache(self.layout, self.num_blocks, self.shared_path)
         return self.num_blocks, self.num_host_blocks
+
+    def host_arena(self) -> torch.Tensor:
+        """A host arena of ``num_host_blocks`` in this arena's layout, for an in-process swap executor (pinned
+        when a GPU copies to it)."""
+        return allocate_host_arena(self.layout, self.num_host_blocks, self.runner.dtype, self.device.type == "cuda")
 
     def arena_spec(self) -> dict:
         return describe_arena(self.runner.kv_arena, self.shared_path)
@@ -96,4 +99,4 @@ class Worker:
         return self.runner.execute(plan)
 
     def shutdown(self) -> None:
-        self.runner.shutdown()
+        """Nothing to release but memory (the swap executor owns the copy threads)."""

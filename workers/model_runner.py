@@ -15,14 +15,13 @@ from fs_engine.model_config import ModelArch
 from ipc.messages import SamplingSpec, ScheduledChunk, StepPlan, StepResult
 from workers.attention import get_backend
 from workers.cuda_graphs import DecodeGraphs
+from workers.device_stream import DeviceStream
 from workers.input_batch import InputBatch
-from workers.kv_arena import allocate_host_arena, allocate_kv_arena
+from workers.kv_arena import allocate_kv_arena
 from workers.loader import load_model
 from workers.models import ForwardContext
 from workers.parallel import SINGLE, TPContext
 from workers.sampler import Sampler
-from workers.swap.copier import KVCopier
-from workers.swap.swap_manager import SwapManager
 
 
 class ModelRunner:
@@ -55,14 +54,13 @@ class ModelRunner:
         self.backend_cls = get_backend(attention_backend, device, block_size, dtype)
         self.attn = None  # bound to the arena by init_kv_cache
         self.kv_arena: torch.Tensor | None = None
-        self.host_arena: torch.Tensor | None = None
-        self.swaps: SwapManager | None = None
         captured = device.type == "cuda" and not enforce_eager and self.backend_cls.supports_cuda_graphs
         self.graph_batch_size = max_graph_batch_size if captured else 0  # 0: every step runs eagerly
         self.max_model_len = max_model_len
         self.graphs: DecodeGraphs | None = None
         self._specs: dict[str, SamplingSpec] = {}
         self.batch = InputBatch(block_size, self._max_blocks_per_seq(), device)
+        self.stream = DeviceStream(device)
         num_heads = arch.num_heads // tp.size
         self.num_heads = num_heads
         self.num_kv_heads = max(1, arch.num_kv_heads // tp.size)
@@ -73,11 +71,9 @@ class ModelRunner:
     def kv_layout(self, dtype_name: str) -> KVLayout:
         return KVLayout(self.arch.num_layers, self.block_size, self.num_kv_heads, self.arch.head_dim, dtype_name)
 
-    def init_kv_cache(
-        self, layout: KVLayout, num_blocks: int, num_host_blocks: int, granularity: str, swap_threads: int,
-        shared_path: str | None = None,
-    ) -> None:
-        """``num_host_blocks=0``: no host arena here (none at all, or the swap process owns it)."""
+    def init_kv_cache(self, layout: KVLayout, num_blocks: int, shared_path: str | None = None) -> None:
+        """The device arena (in a shared-memory file at ``shared_path`` on a CPU, for the swap process).
+        Host arenas and copies belong to the frontend's swap executor (``fs_engine.engine.swaps``)."""
         self.kv_arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device, shared_path)
         self.attn = self.backend_cls(self.kv_arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
         if self.graph_batch_size > 0:
@@ -85,14 +81,6 @@ class ModelRunner:
                                        max_blocks_per_seq=self._max_blocks_per_seq(),
                                        block_size=self.block_size)
             self.graphs.capture()
-        if num_host_blocks > 0:
-            pin = self.device.type == "cuda"
-            self.host_arena = allocate_host_arena(layout, num_host_blocks, self.dtype, pin)
-            self.swaps = SwapManager(KVCopier(self.kv_arena, self.host_arena, granularity), swap_threads)
-
-    def shutdown(self) -> None:
-        if self.swaps is not None:
-            self.swaps.shutdown()
 
     @torch.inference_mode()
     def profile_run(self, layout: KVLayout, num_tokens: int) -> None:
@@ -110,15 +98,17 @@ class ModelRunner:
     # ---- one step ----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        """Run a plan's forward pass and sample. Returns only once the step's device work has completed
+        (safety rule 1): the frontend may issue copies of these blocks as soon as it holds the result."""
         start = time.perf_counter()
         # forget finished requests first: a finished id may be reused by a new request in the same plan
         for request_id in plan.finished_ids:
             self._specs.pop(request_id, None)
         for new in plan.new_requests:
             self._specs[new.request_id] = new.sampling
-        result = StepResult(step_id=plan.step_id)
         if plan.swaps:
-            self._swap(plan, result)
+            raise RuntimeError("workers do not copy KV: the engine's swap executor runs a plan's swaps")
+        result = StepResult(step_id=plan.step_id)
         inputs = self.batch.prepare(plan)
         if inputs is not None:
             meta = inputs.meta
@@ -126,27 +116,15 @@ class ModelRunner:
                 hidden = self.graphs.run(inputs.token_ids, inputs.positions, meta)
             else:
                 hidden = self.model(inputs.token_ids, inputs.positions, ForwardContext(self.attn, meta))
+            self.stream.launched(plan.step_id)
             sampled = [(r, i) for r, i in zip(plan.request_ids, plan.sample_index) if i >= 0]
             if sampled:
                 logits = self.model.compute_logits(hidden[inputs.sample_rows])
                 result.request_ids = [r for r, _ in sampled]
                 result.token_ids = self.sampler(logits, [self._specs[r] for r in result.request_ids],
                                                 [i for _, i in sampled])
-        if self.swaps is not None:
-            if not plan.request_ids and not result.swap_wait_s and self.swaps.num_in_flight:
-                # nothing to compute: the engine waits for copies, so block on one instead of spinning
-                result.swap_wait_s += self.swaps.wait_any(timeout_s=1.0)
-            result.swaps_done = self.swaps.poll()
+            # a step that samples nothing (a long prompt's middle chunk) would return with its kernels still
+            # queued; after sampling the stream is idle already and this costs nothing
+            self.stream.synchronize()
         result.execute_s = time.perf_counter() - start
         return result
-
-    def _swap(self, plan: StepPlan, result: StepResult) -> None:
-        # swap-outs first: a waited swap-out's device blocks may be handed to a swap-in or to new KV in this
-        # same plan (StepPlan's contract), so it must have landed before either starts
-        if self.swaps is None:
-            raise RuntimeError("the plan swaps KV but this worker has no host arena (num_cpu_blocks=0)")
-        for kind in ("out", "in"):
-            commands = [c for c in plan.swaps if c.kind == kind]
-            for command in commands:
-                self.swaps.submit(command)
-            result.swap_wait_s += self.swaps.wait([c.swap_id for c in commands if c.wait])

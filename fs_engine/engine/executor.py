@@ -1,7 +1,8 @@
 """Executors carry step plans from the frontend to the workers and bring back the results.
 
-``InProcessExecutor`` runs one worker in this process (offline API, tests). The multi-process executor
-implements the same three members over sockets.
+``InProcessExecutor`` runs one worker and the copy threads in this process (offline API, tests). The
+multi-process executor implements the same members over sockets. Both run a plan through
+``swaps.execute_plan``: one copy orchestration for every engine.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from fs_engine.config import EngineConfig
 from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
+from fs_engine.engine.swaps import ThreadSwaps, execute_plan
 from ipc.messages import StepPlan, StepResult
 
 
@@ -20,9 +22,13 @@ class InProcessExecutor:
         self.num_blocks, self.num_cpu_blocks = self.worker.init_kv_cache()
         self.layout: KVLayout = self.worker.layout
         self.device: str = str(self.worker.device)
+        self.swaps: ThreadSwaps | None = None
+        if self.num_cpu_blocks > 0:
+            self.swaps = ThreadSwaps(self.worker.runner.kv_arena, self.worker.host_arena(),
+                                     config.swap.copy_granularity, config.swap.swap_threads)
 
     def execute(self, plan: StepPlan) -> StepResult:
-        return self.worker.execute(plan)
+        return execute_plan(plan, self.swaps, self.worker.execute)
 
     def check_health(self) -> None:
         """Everything runs in this process: if it is alive, so is the engine."""
@@ -32,6 +38,9 @@ class InProcessExecutor:
         return {}
 
     def shutdown(self) -> None:
+        if self.swaps is not None:
+            self.swaps.shutdown()
+            self.swaps = None
         if self.worker is not None:
             self.worker.shutdown()
             self.worker = None

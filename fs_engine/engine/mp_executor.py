@@ -3,10 +3,9 @@
     frontend (this process)          plans-<rank> (PUSH) ──> worker rank r ──> results (PULL)
         LLMEngine + scheduler        swap-commands (PUSH) ──> swap process ──> swap-done (PULL)
 
-Same interface as ``InProcessExecutor``. The order of one step mirrors the in-process worker's: submit the
-plan's swap-outs and wait for those marked ``wait``, then its swap-ins likewise, then send the plan (without
-swaps) to every rank and read rank 0's result. Completions of unwaited swaps are collected whenever they
-arrive and handed to the scheduler with the next result.
+Same interface as ``InProcessExecutor``, and the same copy orchestration (``swaps.execute_plan``): the
+plan's copies go to the swap process (``ProcessSwaps``), the plan without them to every rank, and rank 0's
+result comes back with every copy completed since the last step.
 
 Every wait polls with a timeout and checks that each child is alive: a dead worker or swap process (or one
 that reports ``ProcessFailed``) raises ``EngineDeadError`` within about a second, never a hang.
@@ -26,17 +25,8 @@ from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
 from ipc.channels import Puller, Pusher, instance_dir, ipc_address
 from ipc.errors import EngineDeadError
-from ipc.messages import (
-    OpenArenas,
-    ProcessFailed,
-    Shutdown,
-    StepPlan,
-    StepResult,
-    SwapBatch,
-    SwapDone,
-    SwapReady,
-    WorkerReady,
-)
+from fs_engine.engine.swaps import ProcessSwaps, execute_plan
+from ipc.messages import OpenArenas, ProcessFailed, Shutdown, StepPlan, StepResult, SwapReady, WorkerReady
 
 POLL_S = 0.5
 HEALTH_CHECK_S = 0.5  # a child that dies while nothing waits on it is still noticed this soon
@@ -59,8 +49,7 @@ class MultiprocExecutor:
                                       args=(config, arch, max_model_len, 0, str(self.run_dir), self.addresses))]
         self.swapper = spawn.Process(target=run_swap_process, name="fs-engine-swap", daemon=True,
                                      args=(str(self.run_dir), self.addresses))
-        self._done: list[SwapDone] = []
-        self._in_flight: set[int] = set()
+        self.swaps = ProcessSwaps(self._swap_commands, self._swap_done, self._check_children, self._send)
         self._closed = False
         self._last_health_check = 0.0
         try:
@@ -114,48 +103,15 @@ class MultiprocExecutor:
         while not channel.send(msg, timeout_s=POLL_S):  # a dead peer takes nothing: notice it, never block
             self._check_children()
 
-    def _collect_swaps(self, timeout_s: float) -> None:
-        msg = self._swap_done.recv(timeout_s=timeout_s)
-        while msg is not None:
-            if isinstance(msg, ProcessFailed):
-                raise EngineDeadError(f"{msg.who} failed:\n{msg.message}")
-            self._done.append(msg)
-            self._in_flight.discard(msg.swap_id)
-            msg = self._swap_done.recv(timeout_s=0)
-
-    def _wait_swaps(self, swap_ids: set[int]) -> float:
-        start = time.perf_counter()
-        while swap_ids & self._in_flight:
-            self._collect_swaps(POLL_S)
-            self._check_children()
-        return time.perf_counter() - start
-
     # ---- one step ----------------------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepResult:
         self.check_health()
-        start = time.perf_counter()
-        wait_s = 0.0
-        for kind in ("out", "in"):  # waited swap-outs land before swap-ins may reuse their device blocks
-            commands = [c for c in plan.swaps if c.kind == kind]
-            if commands:
-                self._in_flight.update(c.swap_id for c in commands)
-                self._send(self._swap_commands, SwapBatch(commands))
-                wait_s += self._wait_swaps({c.swap_id for c in commands if c.wait})
-        if plan.request_ids or plan.new_requests or plan.finished_ids:
-            for channel in self._plans:
-                self._send(channel, plan.with_swaps([]))
-            result: StepResult = self._recv(self._results, f"step {plan.step_id}")
-        else:
-            result = StepResult(step_id=plan.step_id)
-            if self._in_flight and not wait_s:  # nothing to compute: block on a copy instead of spinning
-                t = time.perf_counter()
-                self._collect_swaps(1.0)
-                wait_s += time.perf_counter() - t
-        self._collect_swaps(0)
-        result.swaps_done, self._done = self._done, []
-        result.swap_wait_s = wait_s
-        result.execute_s = time.perf_counter() - start
-        return result
+        return execute_plan(plan, self.swaps, self._run_workers)
+
+    def _run_workers(self, plan: StepPlan) -> StepResult:
+        for channel in self._plans:
+            self._send(channel, plan)
+        return self._recv(self._results, f"step {plan.step_id}")
 
     def stats(self) -> dict[str, float]:
         """Executor-specific counters for ``LLMEngine.stats`` (the simulated executor reports its clock)."""

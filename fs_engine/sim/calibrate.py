@@ -272,7 +272,7 @@ def calibrate(engine: Any, name: str = "cpu", quick: bool = False, seed: int = 0
               serving: list[StepSample] | None = None) -> Calibration:
     """Measure ``engine`` (an in-process ``LLMEngine`` on this machine's CPU) and fit a serial profile to it;
     ``serving``: steps of a real replay (``measure_serving``) fitted together with the grid."""
-    if not hasattr(engine.executor, "worker") or engine.executor.worker.runner.swaps is None:
+    if not hasattr(engine.executor, "worker") or engine.executor.swaps is None:
         raise ValueError("calibrate measures an in-process engine with swap space: drop multiprocess/device=sim "
                          "and keep num_cpu_blocks > 0")
     rng = np.random.default_rng(seed)
@@ -290,7 +290,7 @@ def calibrate(engine: Any, name: str = "cpu", quick: bool = False, seed: int = 0
     grid = measure_steps(engine, rng, quick)
     samples = grid + list(serving or [])
     coefficients = fit_steps(samples, shape, CostModel(base, shape))
-    copier = engine.executor.worker.runner.swaps.copier
+    copier = engine.executor.swaps.manager.copier
     copies = measure_copies(copier, min(copier.host_arena.shape[0], copier.device_arena.shape[0]),
                             engine.arch.num_layers, quick)
     latency, bandwidth = fit_copies(copies)

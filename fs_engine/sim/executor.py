@@ -120,14 +120,14 @@ class SimExecutor:
         self._left_at: float | None = None
 
     def _start_model_worker(self, config: EngineConfig, arch: ModelArch, max_model_len: int):
-        from workers.gpu_worker import Worker
+        """The real engine on this CPU (worker and copy threads), fed every plan so the tokens are real."""
+        from fs_engine.engine.executor import InProcessExecutor
 
         cache = dataclasses.replace(config.cache, num_gpu_blocks=self.num_blocks, num_cpu_blocks=self.num_cpu_blocks)
         device = dataclasses.replace(config.device, device="cpu", sim_execute="shapes")
         model = dataclasses.replace(config.model, dtype="float32")
-        worker = Worker(dataclasses.replace(config, cache=cache, device=device, model=model), arch, max_model_len)
-        worker.init_kv_cache()
-        return worker
+        return InProcessExecutor(dataclasses.replace(config, cache=cache, device=device, model=model), arch,
+                                 max_model_len)
 
     # ---- one step ----------------------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepResult:

@@ -26,3 +26,22 @@ def test_cuda_sizes_kv_from_free_memory(tiny_model_dirs):
     free, total = torch.cuda.mem_get_info()
     assert llm.stats()["num_gpu_blocks"] >= 1
     assert total - free <= 0.5 * total + (1 << 30)  # within the budget (plus CUDA context slack)
+
+
+@pytest.mark.parametrize("multiprocess", [False, True])
+def test_a_swap_out_right_after_a_chunk_that_samples_nothing_reads_finished_kv(tiny_model, hf_reference,
+                                                                              multiprocess):
+    # safety rule 1: the chunk's kernels may still be queued when its (tokenless) result arrives; the copy
+    # that swaps its blocks out next must not overtake them (see tests/integration/test_copy_ordering.py)
+    from fs_engine import LLMEngine
+    from tests.integration.test_copy_ordering import ENGINE_ARGS, GREEDY, racy_schedule
+
+    engine = LLMEngine(tiny_model, multiprocess=multiprocess, device="cuda", dtype="float32", **ENGINE_ARGS)
+    try:
+        outputs = racy_schedule(engine)
+        long_prompt, short_prompt = random_prompts(engine.arch.vocab_size, [40, 6], seed=11)
+    finally:
+        engine.shutdown()
+    ref = hf_reference(tiny_model)
+    assert outputs["long"] == ref.greedy(long_prompt, GREEDY.max_tokens, stop_at_eos=False)
+    assert outputs["short"] == ref.greedy(short_prompt, GREEDY.max_tokens, stop_at_eos=False)

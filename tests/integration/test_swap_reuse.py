@@ -99,7 +99,7 @@ def test_async_decode_continues_while_a_slow_swap_is_in_flight(model):
     for mode in ("async", "sync"):
         engine = LLMEngine(model, policy="priority", block_size=BLOCK, num_gpu_blocks=40, swap_mode=mode,
                            preemption_cooldown_steps=0)
-        engine.executor.worker.runner.swaps.inject_delay_s = 0.4
+        engine.executor.swaps.manager.inject_delay_s = 0.4
         def params(n: int) -> SamplingParams:
             return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 

@@ -1,0 +1,156 @@
+"""Where KV copy commands run, behind one interface, and the one order every engine runs them in.
+
+``SwapExecutor`` is a place that moves KV blocks: ``ThreadSwaps`` runs the copy threads in this process (the
+in-process engine), ``ProcessSwaps`` sends the commands to the swap process and reads its completions (the
+engine ``fs-engine launch`` deploys). Both executors step a plan through ``execute_plan``, so every test of
+the in-process engine exercises the copy orchestration the deployed engine runs:
+
+1. submit the plan's swap-outs; wait for those marked ``wait`` (their device blocks may be reused below);
+2. submit its swap-ins; wait for those marked ``wait`` (the forward reads what they bring back);
+3. run the forward pass on the workers (a plan without swaps: the workers never copy KV themselves);
+4. with nothing to compute and copies in flight, block until one lands instead of spinning;
+5. report every command completed since the last step with the result.
+
+Ordering against the device (safety rule 1): a worker returns a step's result only after the step's device
+work has completed, so a copy, issued by the frontend after that result, can never overtake a kernel that
+wrote or read its blocks, in this process or in the swap process. A copy thread reports a command done only
+after its stream has finished it, so a forward that waits for a swap-in reads the copied KV.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from ipc.errors import EngineDeadError
+from ipc.messages import ProcessFailed, StepPlan, StepResult, SwapBatch, SwapCommand, SwapDone
+
+POLL_S = 0.5
+
+
+class SwapExecutor(ABC):
+    @abstractmethod
+    def submit(self, commands: list[SwapCommand]) -> None:
+        """Start these copies (in order within a direction)."""
+
+    @abstractmethod
+    def wait(self, swap_ids: set[int]) -> None:
+        """Block until these commands are done (their completions are kept for ``poll``)."""
+
+    @abstractmethod
+    def wait_any(self, timeout_s: float) -> None:
+        """Block until some in-flight command is done, or the timeout."""
+
+    @abstractmethod
+    def poll(self) -> list[SwapDone]:
+        """Commands completed since the last poll."""
+
+    @property
+    @abstractmethod
+    def num_in_flight(self) -> int: ...
+
+    def shutdown(self) -> None:
+        pass
+
+
+def execute_plan(plan: StepPlan, swaps: SwapExecutor | None, run_workers: Callable[[StepPlan], StepResult]
+                 ) -> StepResult:
+    """Run one plan: its copies in the order above, then its forward pass on the workers."""
+    start = time.perf_counter()
+    if plan.swaps and swaps is None:
+        raise RuntimeError("the plan swaps KV but the engine has no host arena (num_cpu_blocks=0)")
+    wait_s = 0.0
+    for kind in ("out", "in"):  # waited swap-outs land before swap-ins may reuse their device blocks
+        commands = [c for c in plan.swaps if c.kind == kind]
+        if commands:
+            swaps.submit(commands)
+            t = time.perf_counter()
+            swaps.wait({c.swap_id for c in commands if c.wait})
+            wait_s += time.perf_counter() - t
+    if plan.request_ids or plan.new_requests or plan.finished_ids:
+        result = run_workers(plan.with_swaps([]) if plan.swaps else plan)
+    else:
+        result = StepResult(step_id=plan.step_id)
+        if swaps is not None and swaps.num_in_flight and not any(c.wait for c in plan.swaps):
+            t = time.perf_counter()
+            swaps.wait_any(1.0)  # nothing to compute: the engine waits for copies
+            wait_s += time.perf_counter() - t
+    if swaps is not None:
+        result.swaps_done = swaps.poll()
+    result.swap_wait_s = wait_s
+    result.execute_s = time.perf_counter() - start
+    return result
+
+
+class ThreadSwaps(SwapExecutor):
+    """Copy threads in this process, over the in-process worker's device arena and a host arena."""
+
+    def __init__(self, device_arena, host_arena, granularity: str, threads: int) -> None:
+        from workers.swap.copier import KVCopier
+        from workers.swap.swap_manager import SwapManager
+
+        self.manager = SwapManager(KVCopier(device_arena, host_arena, granularity), threads)
+
+    def submit(self, commands: list[SwapCommand]) -> None:
+        for command in commands:
+            self.manager.submit(command)
+
+    def wait(self, swap_ids: set[int]) -> None:
+        self.manager.wait(sorted(swap_ids))
+
+    def wait_any(self, timeout_s: float) -> None:
+        self.manager.wait_any(timeout_s)
+
+    def poll(self) -> list[SwapDone]:
+        return self.manager.poll()
+
+    @property
+    def num_in_flight(self) -> int:
+        return self.manager.num_in_flight
+
+    def shutdown(self) -> None:
+        self.manager.shutdown()
+
+
+class ProcessSwaps(SwapExecutor):
+    """The swap process, over ZeroMQ. ``check_alive`` raises ``EngineDeadError`` if a child process is gone;
+    every wait polls with a timeout and calls it, so a dead swap process is an error, never a hang."""
+
+    def __init__(self, commands, done, check_alive: Callable[[], None], send: Callable) -> None:
+        self._commands = commands  # Pusher to the swap process
+        self._done_channel = done  # Puller of its SwapDone messages
+        self._check_alive = check_alive
+        self._send = send  # send(channel, msg): a send that notices a dead peer
+        self._done: list[SwapDone] = []
+        self._in_flight: set[int] = set()
+
+    def submit(self, commands: list[SwapCommand]) -> None:
+        self._in_flight.update(c.swap_id for c in commands)
+        self._send(self._commands, SwapBatch(commands))
+
+    def _collect(self, timeout_s: float) -> None:
+        msg = self._done_channel.recv(timeout_s=timeout_s)
+        while msg is not None:
+            if isinstance(msg, ProcessFailed):
+                raise EngineDeadError(f"{msg.who} failed:\n{msg.message}")
+            self._done.append(msg)
+            self._in_flight.discard(msg.swap_id)
+            msg = self._done_channel.recv(timeout_s=0)
+
+    def wait(self, swap_ids: set[int]) -> None:
+        while swap_ids & self._in_flight:
+            self._collect(POLL_S)
+            self._check_alive()
+
+    def wait_any(self, timeout_s: float) -> None:
+        self._collect(timeout_s)
+
+    def poll(self) -> list[SwapDone]:
+        self._collect(0)
+        done, self._done = self._done, []
+        return done
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
