@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers < 0.21: the windowed decode below does the same, a little slower
+    DecodeStream = None
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -23,9 +28,10 @@ class IncrementalDetokenizer:
     """Turns a growing list of output token ids into text, a little at a time.
 
     Byte-level tokenizers may split one character over several tokens; text ending in U+FFFD (an
-    incomplete character) is held back until the next token completes it. Decoding restarts from a
-    window of a few recent tokens rather than the whole output, so each step costs O(1) tokens.
-    Stop strings are searched only in the region that new text can affect.
+    incomplete character) is held back until the next token completes it. With a fast tokenizer each token
+    goes through the ``tokenizers`` library's streaming decoder (``DecodeStream``, one decode of a few
+    tokens in Rust); otherwise decoding restarts from a window of a few recent tokens. Either way a step
+    costs O(1) tokens, and stop strings are searched only in the region that new text can affect.
     """
 
     _WINDOW = 6  # tokens of context decoded before the new ones, so merges at the boundary come out right
@@ -39,14 +45,32 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # start of the decoding window in _ids
         self._read_offset = 0  # _ids before this are already in self.text
         self._max_stop_len = max((len(s) for s in stop), default=0)
+        self._backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer behind a fast tokenizer
+        self._stream = None
+        if DecodeStream is not None and self._backend is not None:
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens appended so far."""
+        return len(self._ids)
+
     def append(self, token_id: int) -> str | None:
         """Add one token. Returns the stop string matched (the text is then cut before it), else None."""
         self._ids.append(token_id)
-        return self._emit(final=False)
+        if self._stream is None:
+            return self._emit(final=False)
+        piece = self._stream.step(self._backend, token_id)
+        if not piece:
+            return None  # nothing yet, or an incomplete character
+        search_from = max(0, len(self.text) - self._max_stop_len + 1)
+        self.text += piece
+        self._read_offset = len(self._ids)
+        self._prefix_offset = max(0, self._read_offset - self._WINDOW)  # where a flush decodes from
+        return self._find_stop(search_from)
 
     def flush(self) -> str | None:
         """The request ended: emit text held back for an incomplete character (as U+FFFD, like decode())."""

@@ -199,6 +199,7 @@ class StepResult:
     execute_s: float = 0.0
     swaps_done: list[SwapDone] = field(default_factory=list)  # every command completed since the last result
     swap_wait_s: float = 0.0  # time this step waited on swaps before its forward pass
+    idle_s: float = 0.0  # how long the worker waited for this plan since it returned the previous result
 
 
 # ---- client <-> frontend ---------------------------------------------------------------------------------

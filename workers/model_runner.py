@@ -61,6 +61,7 @@ class ModelRunner:
         self._specs: dict[str, SamplingSpec] = {}
         self.batch = InputBatch(block_size, self._max_blocks_per_seq(), device)
         self.stream = DeviceStream(device)
+        self._returned_at: float | None = None  # when the last result was handed back
         num_heads = arch.num_heads // tp.size
         self.num_heads = num_heads
         self.num_kv_heads = max(1, arch.num_kv_heads // tp.size)
@@ -109,6 +110,7 @@ class ModelRunner:
         if plan.swaps:
             raise RuntimeError("workers do not copy KV: the engine's swap executor runs a plan's swaps")
         result = StepResult(step_id=plan.step_id)
+        result.idle_s = 0.0 if self._returned_at is None else start - self._returned_at
         inputs = self.batch.prepare(plan)
         if inputs is not None:
             meta = inputs.meta
@@ -126,5 +128,6 @@ class ModelRunner:
             # a step that samples nothing (a long prompt's middle chunk) would return with its kernels still
             # queued; after sampling the stream is idle already and this costs nothing
             self.stream.synchronize()
-        result.execute_s = time.perf_counter() - start
+        self._returned_at = time.perf_counter()
+        result.execute_s = self._returned_at - start
         return result

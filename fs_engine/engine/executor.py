@@ -2,7 +2,11 @@
 
 ``InProcessExecutor`` runs one worker and the copy threads in this process (offline API, tests). The
 multi-process executor implements the same members over sockets. Both run a plan through
-``swaps.execute_plan``: one copy orchestration for every engine.
+``swaps.start_plan`` / ``finish_plan``: one copy orchestration for every engine.
+
+``submit(plan)`` starts a step and ``collect()`` returns its result; between the two the frontend does
+the work that does not need it (in this process the step has already run by then; with worker processes
+it runs meanwhile). ``execute(plan)`` is both at once.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 from fs_engine.config import EngineConfig
 from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
-from fs_engine.engine.swaps import ThreadSwaps, execute_plan
+from fs_engine.engine.swaps import PlanInFlight, ThreadSwaps, finish_plan, start_plan
 from ipc.messages import StepPlan, StepResult
 
 
@@ -27,8 +31,26 @@ class InProcessExecutor:
             self.swaps = ThreadSwaps(self.worker.runner.kv_arena, self.worker.host_arena(),
                                      config.swap.copy_granularity, config.swap.swap_threads)
 
+        self._run: PlanInFlight | None = None
+        self._result: StepResult | None = None
+
+    def submit(self, plan: StepPlan) -> None:
+        self._run = start_plan(plan, self.swaps, self._execute)
+
+    def _execute(self, plan: StepPlan) -> None:
+        self._result = self.worker.execute(plan)
+
+    def collect(self) -> StepResult:
+        run, self._run = self._run, None
+        return finish_plan(run, self.swaps, self._take_result)
+
+    def _take_result(self) -> StepResult:
+        result, self._result = self._result, None
+        return result
+
     def execute(self, plan: StepPlan) -> StepResult:
-        return execute_plan(plan, self.swaps, self.worker.execute)
+        self.submit(plan)
+        return self.collect()
 
     def check_health(self) -> None:
         """Everything runs in this process: if it is alive, so is the engine."""

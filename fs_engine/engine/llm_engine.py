@@ -1,4 +1,15 @@
-"""``LLMEngine``: add requests, call ``step()``, read outputs. The loop every front end is built on."""
+"""``LLMEngine``: add requests, call ``step()``, read outputs. The loop every front end is built on.
+
+A step is three parts, so a front end can overlap host work with the workers' forward pass:
+
+- ``begin_step()``: schedule and hand the plan to the workers (they compute it from now on);
+- ``take_outputs()``: the output processing of earlier steps (detokenization, ``RequestOutput``s), which
+  needs nothing of the running step; a server also streams and takes in client messages here;
+- ``end_step()``: collect the result, append the tokens and finish requests that stopped. Only what decides
+  whether a request stops is done here: token checks, and detokenization for requests with stop strings.
+
+``step()`` is all three in order and returns this step's outputs, as an offline caller expects.
+"""
 
 from __future__ import annotations
 
@@ -84,6 +95,10 @@ class LLMEngine:
         )
         self._execute_s = 0.0
         self._swap_wait_s = 0.0
+        self._worker_idle_s = 0.0  # the worker waited for the next plan while the engine had work
+        self._busy = False  # the last step left work to do: the gap until the next plan counts as idle
+        self._plan = None  # the step in flight (between begin_step and end_step)
+        self._unprocessed: dict[str, Request] = {}  # requests with tokens not turned into outputs yet
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(
@@ -158,35 +173,57 @@ class LLMEngine:
         self.scheduler.update_priority(request_id, priority)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Work left: live requests, copies in flight, or outputs not taken yet."""
+        return self.scheduler.has_unfinished() or bool(self._unprocessed)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.begin_step():
+            self.end_step()
+        return self.take_outputs()
+
+    def begin_step(self) -> bool:
+        """Schedule a step and start it on the workers; False if there is nothing to run."""
+        assert self._plan is None, "begin_step twice without end_step"
         plan = self.scheduler.schedule()
-        if not (plan.request_ids or plan.finished_ids or plan.swaps or self.scheduler.has_unfinished()):
-            return []
         # a plan with no forward work still goes out while copies are in flight: the worker lands them
-        result = self.executor.execute(plan)
+        if not (plan.request_ids or plan.finished_ids or plan.swaps or self.scheduler.has_unfinished()):
+            self._busy = False
+            return False
+        self.executor.submit(plan)
+        self._plan = plan
+        return True
+
+    def end_step(self) -> None:
+        """Collect the running step's result and apply it; its outputs wait for ``take_outputs``."""
+        plan, self._plan = self._plan, None
+        result = self.executor.collect()
         self._execute_s += result.execute_s
         self._swap_wait_s += result.swap_wait_s
+        if self._busy:
+            self._worker_idle_s += result.idle_s
         if plan.request_ids:
             self._counters["num_steps"] += 1
             self._counters["num_batched_tokens"] += plan.num_tokens
-        outputs = []
         for request in self.scheduler.update(plan, result):
             if request.num_output_tokens == 1:
                 self._counters["num_prompt_tokens"] += request.num_prompt_tokens
             self._counters["num_generated_tokens"] += 1
             self._check_stop(request)
-            outputs.append(self._output(request))
-        return outputs
+            self._unprocessed[request.request_id] = request
+        self._busy = self.scheduler.has_unfinished()
+
+    def take_outputs(self) -> list[RequestOutput]:
+        """Outputs of every request that got tokens since the last call (one per request, its latest)."""
+        requests, self._unprocessed = self._unprocessed, {}
+        return [self._output(r) for r in requests.values() if r.status is not RequestStatus.FINISHED_ABORTED]
 
     def _check_stop(self, request: Request) -> None:
         token = request.token_ids[-1]
         params = request.params
         detok = self._detokenizers.get(request.request_id)
         status = None
-        if detok is not None and detok.append(token) is not None:
+        if params.stop and detok is not None and detok.append(token) is not None:  # stop strings need the text now
             status = RequestStatus.FINISHED_STOPPED
         elif (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids:
             status = RequestStatus.FINISHED_STOPPED
@@ -194,7 +231,7 @@ class LLMEngine:
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
             return
-        if detok is not None and detok.flush() is not None:
+        if params.stop and detok is not None and detok.flush() is not None:
             status = RequestStatus.FINISHED_STOPPED  # the held-back tail completed a stop string
         self._finish(request, status)
 
@@ -204,10 +241,16 @@ class LLMEngine:
         self._counters[key] += 1
         if status is RequestStatus.FINISHED_ABORTED:
             self._detokenizers.pop(request.request_id, None)
+            self._unprocessed.pop(request.request_id, None)
 
     def _output(self, request: Request) -> RequestOutput:
         finished = request.status.finished
         detok = (self._detokenizers.pop if finished else self._detokenizers.get)(request.request_id, None)
+        if detok is not None and not request.params.stop:  # the text of tokens decoded only now
+            for token in request.token_ids[request.num_prompt_tokens + detok.num_tokens :]:
+                detok.append(token)
+            if finished:
+                detok.flush()
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -237,6 +280,8 @@ class LLMEngine:
             "max_model_len": self.max_model_len,
             "execute_s": round(self._execute_s, 6),
             "swap_wait_s": round(self._swap_wait_s, 6),
+            "worker_idle_s": round(self._worker_idle_s, 6),
+            "worker_idle_fraction": round(self._worker_idle_s / max(1e-9, self._worker_idle_s + self._execute_s), 4),
             **self.executor.stats(),
         }
 

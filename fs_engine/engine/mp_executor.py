@@ -25,7 +25,7 @@ from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
 from ipc.channels import Puller, Pusher, instance_dir, ipc_address
 from ipc.errors import EngineDeadError
-from fs_engine.engine.swaps import ProcessSwaps, execute_plan
+from fs_engine.engine.swaps import PlanInFlight, ProcessSwaps, finish_plan, start_plan
 from ipc.messages import OpenArenas, ProcessFailed, Shutdown, StepPlan, StepResult, SwapReady, WorkerReady
 
 POLL_S = 0.5
@@ -50,6 +50,7 @@ class MultiprocExecutor:
         self.swapper = spawn.Process(target=run_swap_process, name="fs-engine-swap", daemon=True,
                                      args=(str(self.run_dir), self.addresses))
         self.swaps = ProcessSwaps(self._swap_commands, self._swap_done, self._check_children, self._send)
+        self._run: PlanInFlight | None = None
         self._closed = False
         self._last_health_check = 0.0
         try:
@@ -104,14 +105,22 @@ class MultiprocExecutor:
             self._check_children()
 
     # ---- one step ----------------------------------------------------------------------------------------
-    def execute(self, plan: StepPlan) -> StepResult:
+    def submit(self, plan: StepPlan) -> None:
+        """Start a step; the workers compute it while the frontend goes on until ``collect``."""
         self.check_health()
-        return execute_plan(plan, self.swaps, self._run_workers)
+        self._run = start_plan(plan, self.swaps, self._send_plan)
 
-    def _run_workers(self, plan: StepPlan) -> StepResult:
+    def _send_plan(self, plan: StepPlan) -> None:
         for channel in self._plans:
             self._send(channel, plan)
-        return self._recv(self._results, f"step {plan.step_id}")
+
+    def collect(self) -> StepResult:
+        run, self._run = self._run, None
+        return finish_plan(run, self.swaps, lambda: self._recv(self._results, f"step {run.plan.step_id}"))
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.submit(plan)
+        return self.collect()
 
     def stats(self) -> dict[str, float]:
         """Executor-specific counters for ``LLMEngine.stats`` (the simulated executor reports its clock)."""

@@ -1,7 +1,8 @@
 """The frontend server: clients on a ZeroMQ ROUTER socket, one ``LLMEngine`` stepping in this process.
 
-Loop: drain client messages (without waiting while the engine has work) -> ``engine.step()`` -> send each
-request's new tokens and text to its client. A client names its requests itself; ids are kept apart per
+Loop: drain client messages (without waiting while the engine has work) -> ``engine.begin_step()`` -> while
+the workers compute it, send each request's new tokens and text of the previous step to its client and take
+in new client messages -> ``engine.end_step()``. A client names its requests itself; ids are kept apart per
 client. Bad input gets an ``ErrorReply`` and the server keeps serving the others. A client that vanished is
 noticed on the next send to it (streamed tokens, or a ``KeepAlive`` every second) and its requests are
 aborted, so their KV is freed. If the engine dies (a worker or the swap process is gone; checked every step
@@ -76,8 +77,14 @@ class FrontendServer:
             while not self._stop:
                 busy = self.engine.has_unfinished_requests()
                 self._drain(timeout_s=0 if busy else 0.05)
-                if self.engine.has_unfinished_requests():
-                    self._deliver(self.engine.step())
+                if self.engine.begin_step():
+                    # while the workers compute this step: stream the last step's tokens, take in new requests
+                    # and aborts (they apply from the next step)
+                    self._deliver(self.engine.take_outputs())
+                    self._drain(timeout_s=0)
+                    self.engine.end_step()
+                else:
+                    self._deliver(self.engine.take_outputs())
                 self._keepalive()
         except EngineDeadError as e:
             print(f"fs-engine: the engine died, shutting down: {e}", file=sys.stderr, flush=True)

@@ -2,8 +2,9 @@
 
 ``SwapExecutor`` is a place that moves KV blocks: ``ThreadSwaps`` runs the copy threads in this process (the
 in-process engine), ``ProcessSwaps`` sends the commands to the swap process and reads its completions (the
-engine ``fs-engine launch`` deploys). Both executors step a plan through ``execute_plan``, so every test of
-the in-process engine exercises the copy orchestration the deployed engine runs:
+engine ``fs-engine launch`` deploys). Both executors step a plan through ``start_plan`` and ``finish_plan``
+(the frontend works on while the workers compute between the two), so every test of the in-process engine
+exercises the copy orchestration the deployed engine runs:
 
 1. submit the plan's swap-outs; wait for those marked ``wait`` (their device blocks may be reused below);
 2. submit its swap-ins; wait for those marked ``wait`` (the forward reads what they bring back);
@@ -22,6 +23,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ipc.errors import EngineDeadError
 from ipc.messages import ProcessFailed, StepPlan, StepResult, SwapBatch, SwapCommand, SwapDone
@@ -54,10 +56,19 @@ class SwapExecutor(ABC):
         pass
 
 
-def execute_plan(plan: StepPlan, swaps: SwapExecutor | None, run_workers: Callable[[StepPlan], StepResult]
-                 ) -> StepResult:
-    """Run one plan: its copies in the order above, then its forward pass on the workers."""
-    start = time.perf_counter()
+@dataclass
+class PlanInFlight:
+    """A plan whose copies are issued and whose forward pass runs on the workers (``start_plan``)."""
+
+    plan: StepPlan
+    started: float
+    wait_s: float
+    sent: bool  # the workers have it (False: nothing to compute)
+
+
+def start_plan(plan: StepPlan, swaps: SwapExecutor | None, send: Callable[[StepPlan], None]) -> PlanInFlight:
+    """Steps 1-3: the plan's copies in order, then hand it (without swaps) to the workers."""
+    started = time.perf_counter()
     if plan.swaps and swaps is None:
         raise RuntimeError("the plan swaps KV but the engine has no host arena (num_cpu_blocks=0)")
     wait_s = 0.0
@@ -68,8 +79,18 @@ def execute_plan(plan: StepPlan, swaps: SwapExecutor | None, run_workers: Callab
             t = time.perf_counter()
             swaps.wait({c.swap_id for c in commands if c.wait})
             wait_s += time.perf_counter() - t
-    if plan.request_ids or plan.new_requests or plan.finished_ids:
-        result = run_workers(plan.with_swaps([]) if plan.swaps else plan)
+    sent = bool(plan.request_ids or plan.new_requests or plan.finished_ids)
+    if sent:
+        send(plan.with_swaps([]) if plan.swaps else plan)
+    return PlanInFlight(plan, started, wait_s, sent)
+
+
+def finish_plan(run: PlanInFlight, swaps: SwapExecutor | None, receive: Callable[[], StepResult]) -> StepResult:
+    """Steps 4-5: the workers' result (or, with nothing to compute, a wait for a copy), with every copy
+    completed since the last step."""
+    plan, wait_s = run.plan, run.wait_s
+    if run.sent:
+        result = receive()
     else:
         result = StepResult(step_id=plan.step_id)
         if swaps is not None and swaps.num_in_flight and not any(c.wait for c in plan.swaps):
@@ -79,7 +100,7 @@ def execute_plan(plan: StepPlan, swaps: SwapExecutor | None, run_workers: Callab
     if swaps is not None:
         result.swaps_done = swaps.poll()
     result.swap_wait_s = wait_s
-    result.execute_s = time.perf_counter() - start
+    result.execute_s = time.perf_counter() - run.started
     return result
 
 

@@ -18,7 +18,10 @@ Swap modes (``SwapConfig.swap_mode``): ``sync`` waits for every swap inside the 
 async except that a step waits for a swap-in when fewer than ``adaptive_min_batch`` requests could run.
 The safety rules of the design, as enforced here:
 
-1. Swap-outs copy only blocks whose writing step has returned (plans are built after the previous result).
+1. Copies are ordered after the device work that last wrote or read their blocks: a worker returns a step's
+   result only once its device work has completed (``ModelRunner.execute`` waits on its stream, also when
+   the step sampled nothing), and plans, with their copies, are built after the previous result. A forward
+   reads swapped-in KV only after the copy is done: waited in its step, or reported in a later result.
 2. Device blocks of an in-flight swap-out stay owned until its completion arrives (``_soon_free_blocks``
    counts them for admission, nobody can allocate them).
 3. A request with an in-flight swap-in is ``SWAPPING_IN`` and not scheduled; in sync mode the step waits.

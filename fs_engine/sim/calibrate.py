@@ -96,19 +96,26 @@ class _StepTimer:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.samples: list[StepSample] = []
-        self._step, self._execute = engine.step, engine.executor.execute
+        self._step, self._submit, self._collect = engine.step, engine.executor.submit, engine.executor.collect
+        self._plan = None
         self._last: tuple[Any, float] | None = None
 
     def __enter__(self) -> _StepTimer:
-        self.engine.step, self.engine.executor.execute = self._timed_step, self._recording_execute
+        self.engine.step = self._timed_step
+        self.engine.executor.submit, self.engine.executor.collect = self._recording_submit, self._recording_collect
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.engine.step, self.engine.executor.execute = self._step, self._execute
+        self.engine.step = self._step
+        self.engine.executor.submit, self.engine.executor.collect = self._submit, self._collect
 
-    def _recording_execute(self, plan):
-        result = self._execute(plan)
-        self._last = (plan, result.swap_wait_s)
+    def _recording_submit(self, plan) -> None:
+        self._plan = plan
+        self._submit(plan)
+
+    def _recording_collect(self):
+        result = self._collect()
+        self._last = (self._plan, result.swap_wait_s)
         return result
 
     def _timed_step(self):

@@ -130,6 +130,14 @@ class SimExecutor:
                                  max_model_len)
 
     # ---- one step ----------------------------------------------------------------------------------------
+    def submit(self, plan: StepPlan) -> None:
+        """Simulated steps run at once (in virtual time); ``collect`` returns the result."""
+        self._result = self.execute(plan)
+
+    def collect(self) -> StepResult:
+        result, self._result = self._result, None
+        return result
+
     def execute(self, plan: StepPlan) -> StepResult:
         entered = time.perf_counter()
         if self._left_at is not None:  # the frontend's real host work since the last step (not virtual time)
