@@ -4,7 +4,8 @@ The same requests (random prompts, greedy, exactly ``--max-tokens`` new tokens e
 ``LLMEngine(multiprocess=False)`` (model in this process) and ``LLMEngine(multiprocess=True)`` (a worker
 process and a swap process over ZeroMQ), interleaved over ``--repeats`` rounds, at each batch size in
 ``--batches``. Printed: milliseconds per step, tokens/s and their ratio; the difference in ms per step is what
-the process boundary costs (plan and result messages, a context switch each way). With ``--served`` the same
+the process boundary costs (plan and result messages, a context switch each way); ``idle``: the share of
+the wall time the worker sat waiting for its next plan (``stats()["worker_idle_s"]``). With ``--served`` the same
 requests also go through ``fs-engine launch`` and the client SDK (one client, every request streaming), which
 adds the client hop and per-token events.
 
@@ -42,7 +43,7 @@ def make_prompts(vocab_size: int, n: int, length: int, seed: int) -> list[list[i
 
 def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    steps_before = engine.stats()["num_steps"]
+    before = engine.stats()
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", prompt, params)
@@ -50,8 +51,9 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag
     while engine.has_unfinished_requests():
         outputs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
     seconds = time.perf_counter() - start
-    steps = engine.stats()["num_steps"] - steps_before
-    return {"seconds": seconds, "steps": steps,
+    after = engine.stats()
+    return {"seconds": seconds, "steps": after["num_steps"] - before["num_steps"],
+            "worker_idle_s": after["worker_idle_s"] - before["worker_idle_s"],
             "tokens": [outputs[f"{tag}-{i}"] for i in range(len(prompts))]}
 
 
@@ -71,12 +73,14 @@ class Served:
         self.client = Client(match.group(1), timeout_s=120)
 
     def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
-        steps_before = self.client.stats()["num_steps"]
+        before = self.client.stats()
         start = time.perf_counter()
         streams = [self.client.generate(p, max_tokens=max_tokens, temperature=0, ignore_eos=True) for p in prompts]
         tokens = [[t for event in stream for t in event.token_ids] for stream in streams]
         seconds = time.perf_counter() - start
-        return {"seconds": seconds, "steps": self.client.stats()["num_steps"] - steps_before, "tokens": tokens}
+        after = self.client.stats()
+        return {"seconds": seconds, "steps": after["num_steps"] - before["num_steps"],
+                "worker_idle_s": after["worker_idle_s"] - before["worker_idle_s"], "tokens": tokens}
 
     def close(self) -> None:
         self.client.close()
@@ -87,8 +91,10 @@ class Served:
 def summarize(runs: list[dict], num_tokens: int) -> dict:
     seconds = statistics.median(r["seconds"] for r in runs)
     steps = runs[0]["steps"]
+    # the share of the wall time the worker sat waiting for its next plan (the frontend's work per step)
+    idle = statistics.median(r["worker_idle_s"] / r["seconds"] for r in runs)
     return {"ms_per_step": round(1000 * seconds / steps, 3), "tokens_per_s": round(num_tokens / seconds, 1),
-            "steps": steps}
+            "steps": steps, "worker_idle_fraction": round(idle, 3)}
 
 
 def main() -> None:
@@ -152,10 +158,11 @@ def main() -> None:
     print(f"{result['model']} on {device}, {args.dtype}: prompts of {args.prompt_len} tokens, {args.max_tokens} new "
           f"tokens each, median of {args.repeats}")
     modes = [m for m in ("in-process", "multi-process", "served") if m in rows[0]]
-    print(f"  {'batch':>5}  " + "  ".join(f"{m + ' ms/step':>22} {'tok/s':>8}" for m in modes)
+    print(f"  {'batch':>5}  " + "  ".join(f"{m + ' ms/step':>22} {'tok/s':>8} {'idle':>5}" for m in modes)
           + f"  {'overhead':>9}  {'mp/in':>6}" + ("  served/in" if served else "") + "  identical")
     for row in rows:
-        cells = "  ".join(f"{row[m]['ms_per_step']:22.2f} {row[m]['tokens_per_s']:8.1f}" for m in modes)
+        cells = "  ".join(f"{row[m]['ms_per_step']:22.2f} {row[m]['tokens_per_s']:8.1f} "
+                          f"{row[m]['worker_idle_fraction']:5.0%}" for m in modes)
         line = f"  {row['batch']:5d}  {cells}  {row['overhead_ms_per_step']:8.2f}ms  {row['tokens_per_s_ratio']:5.2f}x"
         if served:
             line += f"  {row['served_tokens_per_s_ratio']:8.2f}x"

@@ -51,6 +51,7 @@ class InputBatch:
         for request_id in request_ids:
             row = self.rows.pop(request_id, None)
             if row is not None:
+                self.tables[row, : int(self.table_lens[row])] = 0  # tables are padded with 0
                 self.table_lens[row] = 0
                 self._free_rows.append(row)
 
@@ -92,6 +93,9 @@ class InputBatch:
             first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
             cols = torch.repeat_interleave(starts, counts) + torch.arange(total) - first
             self.tables[torch.repeat_interleave(rows, counts), cols] = _ints(plan.new_block_ids).to(torch.int32)
+        shrunk = ends < self.table_lens[rows]  # a replaced table shorter than the one it replaces: clear its tail
+        for row, end in zip(rows[shrunk].tolist(), ends[shrunk].tolist()):
+            self.tables[row, end : int(self.table_lens[row])] = 0
         self.table_lens[rows] = ends
         return rows
 
