@@ -1,8 +1,9 @@
 """Reference attention in plain torch: runs anywhere, and is the oracle the GPU kernels are tested against.
 
-Decode-only steps gather every request's context through its block table into one padded batch;
-steps with prefill chunks loop over requests (each chunk attends to its cached prefix and, causally,
-to itself). Both use torch's scaled_dot_product_attention, which handles GQA without copying K/V per head.
+Decode-only steps gather every request's context through its block table into one padded batch (the
+query heads sharing a KV head attend as one group of rows); steps with prefill chunks loop over requests
+(each chunk attends to its cached prefix and, causally, to itself). Both use torch's
+scaled_dot_product_attention, and neither copies K/V per query head.
 """
 
 from __future__ import annotations
@@ -35,16 +36,14 @@ class TorchAttentionBackend(AttentionBackend):
     def _gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the blocks in ``block_table`` ([..., n]) -> two [..., n * block_size, kv_heads, head_dim].
 
-        One layer's K and V of one block form a contiguous [2, block_size, kv_heads, head_dim] slab of the
-        arena, so a single index_select over slabs copies whole slabs instead of scattered elements.
+        One layer's K (or V) of one block is a contiguous [block_size, kv_heads, head_dim] slab of the arena,
+        so one index_select per K and V copies whole slabs into a contiguous result, which views as tokens.
         """
-        arena = self.kv_arena
         lead = block_table.shape[:-1]
-        slabs = arena[:, layer].view(arena.shape[0], -1)  # [num_blocks, 2 * block_size * kv_heads * head_dim]
-        kv = slabs.index_select(0, block_table.reshape(-1).long())
-        kv = kv.view(*lead, -1, 2, self.block_size, self.num_kv_heads, self.head_dim)
-        k = kv.select(-4, 0).reshape(*lead, -1, self.num_kv_heads, self.head_dim)
-        v = kv.select(-4, 1).reshape(*lead, -1, self.num_kv_heads, self.head_dim)
+        index = block_table.reshape(-1).long()
+        k_cache, v_cache = self.layer_cache(layer)  # [num_blocks, block_size, kv_heads, head_dim], strided
+        k = k_cache.index_select(0, index).view(*lead, -1, self.num_kv_heads, self.head_dim)
+        v = v_cache.index_select(0, index).view(*lead, -1, self.num_kv_heads, self.head_dim)
         return k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -64,8 +63,17 @@ class TorchAttentionBackend(AttentionBackend):
         k, v = self._gather(layer, meta.block_tables[:, :num_blocks])  # [B, Tk, KVH, D]
         positions = torch.arange(k.shape[1], device=q.device)
         valid = positions[None, :] < meta.seq_lens[:, None]  # [B, Tk]
-        mask = valid[:, None, None, :]  # [B, 1, 1, Tk]
-        return self._attend(q.unsqueeze(1), k, v, mask).squeeze(1)
+        # one query row per head: the heads that share a KV head attend as one group of rows against it,
+        # so GQA needs neither repeated K/V nor the slower grouped kernel
+        num_seqs, group = q.shape[0], self.num_heads // self.num_kv_heads
+        out = F.scaled_dot_product_attention(
+            q.reshape(num_seqs, self.num_kv_heads, group, self.head_dim),  # [B, KVH, group, D]
+            k.transpose(1, 2),  # [B, KVH, Tk, D]
+            v.transpose(1, 2),
+            attn_mask=valid[:, None, None, :],
+            scale=self.scale,
+        )
+        return out.reshape(num_seqs, self.num_heads, self.head_dim)
 
     def _prefill(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
