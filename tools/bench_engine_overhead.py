@@ -254,6 +254,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.measure:
         sys.path.insert(0, os.environ.get("FS_ENGINE_BENCH_CODE", str(ROOT)))
+        # an editable install of this project would serve modules the measured tree lacks: only that tree
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
         import fs_engine
 
         assert Path(fs_engine.__file__).is_relative_to(os.environ["FS_ENGINE_BENCH_CODE"]), fs_engine.__file__

@@ -71,22 +71,39 @@ class BlockGroupAllocator:
     def _add_extent(self, start: int, length: int) -> None:
         if length <= 0:
             return
+        bisect.insort(self._starts, start)
+        self._index_extent(start, length)
+
+    def _take(self, start: int, offset: int, n: int) -> list[int]:
+        """Carve blocks ``[start + offset, start + offset + n)`` out of the free extent at ``start``. What is
+        left of the extent keeps its place in ``_starts`` (only a split inserts), so growing a run in place
+        costs no list shifting."""
+        length = self._length.pop(start)
+        assert 0 <= offset and offset + n <= length
+        del self._start_of_end[start + length]
+        i = bisect.bisect_left(self._starts, start)
+        head, tail, cut = offset, length - offset - n, start + offset + n
+        if head:
+            self._index_extent(start, head)
+            if tail:
+                self._starts.insert(i + 1, cut)
+        elif tail:
+            self._starts[i] = cut
+        else:
+            del self._starts[i]
+        if tail:
+            self._index_extent(cut, tail)
+        self._num_free -= n
+        return list(range(start + offset, cut))
+
+    def _index_extent(self, start: int, length: int) -> None:
+        """Record an extent already placed in ``_starts``."""
         self._length[start] = length
         self._start_of_end[start + length] = start
-        bisect.insort(self._starts, start)
         heapq.heappush(self._by_length, (-length, start))
         if len(self._by_length) > 2 * len(self._length) + 64:  # mostly stale entries: rebuild
             self._by_length = [(-n, s) for s, n in self._length.items()]
             heapq.heapify(self._by_length)
-
-    def _take(self, start: int, offset: int, n: int) -> list[int]:
-        """Carve blocks ``[start + offset, start + offset + n)`` out of the free extent at ``start``."""
-        length = self._remove_extent(start)
-        assert 0 <= offset and offset + n <= length
-        self._add_extent(start, offset)
-        self._add_extent(start + offset + n, length - offset - n)
-        self._num_free -= n
-        return list(range(start + offset, start + offset + n))
 
     # ---- allocation --------------------------------------------------------------------------------------
     def allocate(self, n: int, after: int | None = None) -> list[int] | None:

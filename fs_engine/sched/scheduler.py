@@ -56,7 +56,6 @@ from ipc.messages import NewRequest, StepPlan, StepResult, SwapCommand, SwapDone
 
 S = RequestStatus
 _SEATED = (S.RUNNING, S.SWAPPING_IN)  # statuses that count against max_num_seqs
-_NO_BLOCKS: list[int] = []  # (never mutated)
 
 
 @dataclass
@@ -517,21 +516,33 @@ class Scheduler:
         return progressed
 
     def _add_chunk(self, plan: StepPlan, request: Request, num_new: int, table: list[int]) -> None:
-        """``table``: the request's block table (``kv.block_ids``), covering the chunk."""
+        """Append the request's chunk to the plan's columns (``StepPlan.append``, inlined: this runs once per
+        request per step). ``table``: the request's block table (``kv.block_ids``), covering the chunk."""
+        rid = request.request_id
         if not request.sent_to_worker:
-            plan.new_requests.append(NewRequest(request.request_id, request.params.to_spec()))
+            plan.new_requests.append(NewRequest(rid, request.params.to_spec()))
             request.sent_to_worker = True
         # the worker holds the table it was last sent: send only the blocks added since, or the whole table
         # when the KV manager holds a new one (the request was preempted, swapped in or adopted blocks); the
         # manager only ever appends to a table it keeps, so the list object identifies the table
         kept = request.worker_table_len if request.worker_table is table else 0
-        request.worker_table, request.worker_table_len = table, len(table)
+        num_blocks = len(table)
+        request.worker_table, request.worker_table_len = table, num_blocks
         start = request.num_computed_tokens
         end = start + num_new
         tokens = request.token_ids
-        sample_index = end - len(request.prompt_token_ids) if end == len(tokens) else -1
-        plan.append(request.request_id, tokens[start:end], start, sample_index, kept,
-                    table[kept:] if kept < len(table) else _NO_BLOCKS)
+        plan.request_ids.append(rid)
+        plan.start_pos.append(start)
+        plan.num_scheduled.append(num_new)
+        if num_new == 1:
+            plan.token_ids.append(tokens[start])
+        else:
+            plan.token_ids += tokens[start:end]
+        plan.sample_index.append(end - len(request.prompt_token_ids) if end == len(tokens) else -1)
+        plan.table_start.append(kept)
+        plan.num_new_blocks.append(num_blocks - kept)
+        if kept < num_blocks:
+            plan.new_block_ids += table[kept:]
 
     # ---- introspection -----------------------------------------------------------------------------------
     def stats(self) -> dict[str, int | float]:
