@@ -70,8 +70,8 @@ class LLM:
         wanted = set(ids)
         try:
             # after the last output, keep stepping until write-backs to the CPU store have landed
-            while len(done) < len(ids) or self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+            for outputs in self.engine.run():
+                for out in outputs:
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
         except BaseException:

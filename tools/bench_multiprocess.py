@@ -48,8 +48,8 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", prompt, params)
     outputs: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        outputs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    for ready in engine.run():  # output processing overlaps the next step, as in fs-engine launch
+        outputs.update((o.request_id, o.token_ids) for o in ready if o.finished)
     seconds = time.perf_counter() - start
     after = engine.stats()
     return {"seconds": seconds, "steps": after["num_steps"] - before["num_steps"],

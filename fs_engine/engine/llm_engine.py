@@ -8,12 +8,14 @@ A step is three parts, so a front end can overlap host work with the workers' fo
 - ``end_step()``: collect the result, append the tokens and finish requests that stopped. Only what decides
   whether a request stops is done here: token checks, and detokenization for requests with stop strings.
 
-``step()`` is all three in order and returns this step's outputs, as an offline caller expects.
+``step()`` is all three in order and returns this step's outputs, as an offline caller expects; ``run()``
+steps until no work is left with each step's output processing overlapping the next one.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,17 @@ class LLMEngine:
         if self.begin_step():
             self.end_step()
         return self.take_outputs()
+
+    def run(self) -> Iterator[list[RequestOutput]]:
+        """Step until no work is left, each step's output processing overlapping the next step's forward pass
+        (as ``fs-engine launch`` does); yields outputs as they become ready."""
+        while self.has_unfinished_requests():
+            begun = self.begin_step()
+            outputs = self.take_outputs()
+            if begun:
+                self.end_step()
+            if outputs:
+                yield outputs
 
     def begin_step(self) -> bool:
         """Schedule a step and start it on the workers; False if there is nothing to run."""

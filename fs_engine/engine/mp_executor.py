@@ -3,7 +3,7 @@
     frontend (this process)          plans-<rank> (PUSH) ──> worker rank r ──> results (PULL)
         LLMEngine + scheduler        swap-commands (PUSH) ──> swap process ──> swap-done (PULL)
 
-Same interface as ``InProcessExecutor``, and the same copy orchestration (``swaps.execute_plan``): the
+Same interface as ``InProcessExecutor``, and the same copy orchestration (``swaps.start_plan`` / ``finish_plan``): the
 plan's copies go to the swap process (``ProcessSwaps``), the plan without them to every rank, and rank 0's
 result comes back with every copy completed since the last step.
 
@@ -21,11 +21,11 @@ from typing import Any
 import zmq
 
 from fs_engine.config import EngineConfig
+from fs_engine.engine.swaps import PlanInFlight, ProcessSwaps, finish_plan, start_plan
 from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
 from ipc.channels import Puller, Pusher, instance_dir, ipc_address
 from ipc.errors import EngineDeadError
-from fs_engine.engine.swaps import PlanInFlight, ProcessSwaps, finish_plan, start_plan
 from ipc.messages import OpenArenas, ProcessFailed, Shutdown, StepPlan, StepResult, SwapReady, WorkerReady
 
 POLL_S = 0.5

@@ -62,7 +62,6 @@ def test_graph_replay_is_bit_identical_to_eager_on_the_padded_batch(tiny_model_d
 
 
 def test_padded_rows_store_no_kv(tiny_model_dirs):
-    import torch
 
     llm = LLM(tiny_model_dirs["qwen3"], device="cuda", dtype="float32", block_size=16, max_num_seqs=8,
               attention_backend="triton")
