@@ -75,6 +75,7 @@ def test_bench_multiprocess_reports_overhead_and_identical_tokens(tmp_path, monk
         assert row["in-process"]["steps"] == row["multi-process"]["steps"] >= 5  # the same schedule
         assert row["served"]["steps"] >= row["in-process"]["steps"]  # requests may arrive a step apart
         assert row["tokens_per_s_ratio"] > 0 and row["served_tokens_per_s_ratio"] > 0
+        assert all(0 <= row[m]["worker_idle_fraction"] < 1 for m in ("in-process", "multi-process", "served"))
     assert "overhead" in capsys.readouterr().out
 
 
@@ -136,3 +137,27 @@ def test_bench_decode_compares_graphs_eager_and_transformers(tmp_path, monkeypat
     if result["device"].startswith("cpu"):  # no graphs: both engine rows run the same code, to the same tokens
         assert not result["ran"]["graphs"]["cuda_graphs"] and "CUDA graphs are a no-op" in printed
         assert all(row["identical_outputs"] is True for row in result["rows"])
+
+
+def test_bench_engine_overhead_measures_this_tree_against_a_baseline(tmp_path, monkeypatch, capsys):
+    import shutil
+    import subprocess
+
+    root = TOOLS.parent
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("needs the project's git history")
+    out = tmp_path / "overhead.json"
+    # the baseline is HEAD here (any commit of this history works; the default is the one before issue 12)
+    run_tool("bench_engine_overhead.py", ["--baseline", "HEAD", "--live", "16,64", "--policies", "fcfs,priority",
+                                          "--steps", "10", "--prep-requests", "8", "--prep-context", "256",
+                                          "--prep-steps", "3", "--json", str(out)], monkeypatch)
+    result = json.loads(out.read_text())
+    for side in ("baseline", "current"):
+        rows = result[side]["scheduler"]
+        assert [(r["policy"], r["live"]) for r in rows] == [("fcfs", 16), ("fcfs", 64), ("priority", 16),
+                                                            ("priority", 64)]
+        assert all(r["median_ms"] > 0 for r in rows)
+        plan = result[side]["plan"]
+        assert plan["requests"] == 8 and plan["plan_kib"] > 0 and plan["median_ms"] > 0
+    assert "speedup" in capsys.readouterr().out
