@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -48,9 +49,9 @@ def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[flo
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
     after = llm.engine.stats()
-    steps = {k: after[k] - before[k] for k in ("num_steps", "execute_s")}
-    steps["num_cached_tokens"] = sum(o.num_cached_tokens for o in outs)
-    return seconds, [o.token_ids for o in outs], steps
+    counts = {k: after[k] - before[k] for k in ("num_steps", "execute_s")}
+    counts["num_cached_tokens"] = sum(o.num_cached_tokens for o in outs)
+    return seconds, [o.token_ids for o in outs], counts
 
 
 def run_hf(model, prompts: list[list[int]], max_tokens: int, device: str) -> tuple[float, list[list[int]]]:
@@ -70,11 +71,15 @@ def run_hf(model, prompts: list[list[int]], max_tokens: int, device: str) -> tup
 class VllmPeer:
     """``tools/vllm_offline.py`` under vLLM's python: loads the model once, then one round per call."""
 
-    def __init__(self, python: Path, model_dir: str, dtype: str, log_path: Path) -> None:
+    def __init__(self, python: Path, model_dir: str, dtype: str, log_path: Path, threads: int | None = None) -> None:
         self.log_path = log_path
         cmd = [str(python), str(REPO / "tools" / "vllm_offline.py"), "--model", model_dir, "--dtype", dtype]
+        env = dict(os.environ)
+        if threads is not None:  # the same number of cores as fs-engine and transformers get
+            env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
         with open(log_path, "w") as log:  # vLLM's own logging, shown only when it fails
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                         env=env)
         self.config = self._read()
 
     def run(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]], dict]:
@@ -97,13 +102,16 @@ class VllmPeer:
         return json.loads(line)
 
 
-def vllm_python(args: argparse.Namespace) -> Path | None:
+def vllm_python(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Path | None:
     if args.no_vllm:
         return None
-    python = Path(args.vllm_python or DEFAULT_VLLM_PYTHON)
-    if python.exists():
-        return python
-    print(f"note: no vLLM column: {python} not found (bash ../shared/peers/install_vllm_cpu.sh, or --vllm-python)")
+    if args.vllm_python:
+        if not Path(args.vllm_python).exists():
+            ap.error(f"--vllm-python {args.vllm_python} does not exist; give a vLLM virtualenv's python or --no-vllm")
+        return Path(args.vllm_python)
+    if DEFAULT_VLLM_PYTHON.exists():
+        return DEFAULT_VLLM_PYTHON
+    print(f"note: no vLLM column: {DEFAULT_VLLM_PYTHON} not found (bash ../shared/peers/install_vllm_cpu.sh)")
     return None
 
 
@@ -122,8 +130,11 @@ def main() -> None:
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--vllm-python", help=f"python of a vLLM virtualenv (default: {DEFAULT_VLLM_PYTHON} if present)")
     ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM column")
+    ap.add_argument("--threads", type=int, help="CPU threads for every engine (default: torch's, all cores)")
     args = ap.parse_args()
-    vllm_py = vllm_python(args)
+    vllm_py = vllm_python(args, ap)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
 
@@ -132,29 +143,41 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         llm = LLM(model_dir, dtype=args.dtype)
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
-        vllm = VllmPeer(vllm_py, model_dir, args.dtype, Path(tmp) / "vllm.log") if vllm_py else None
+        peer = VllmPeer(vllm_py, model_dir, args.dtype, Path(tmp) / "vllm.log", args.threads) if vllm_py else None
         prompts = make_prompts(llm.engine.arch.vocab_size, args.num_prompts, args.min_len, args.max_len, args.seed)
         run_engine(llm, prompts[:2], 4)  # warm-up: first-call allocations and kernel selection
         run_hf(hf, prompts[:2], 4, device)
-        if vllm:
-            vllm.run(prompts[:2], 4)
-        engine_s, hf_s, vllm_s = [], [], []
+        if peer:
+            peer.run(prompts[:2], 4)
+        rounds: dict[str, list] = {"fs_engine": [], "transformers": [], "vllm": []}  # (seconds, tokens, counts)
         for _ in range(args.repeats):  # interleaved, so drifting machine load hits all alike
-            t, engine_tokens, engine_steps = run_engine(llm, prompts, args.max_tokens)
-            engine_s.append(t)
-            t, hf_tokens = run_hf(hf, prompts, args.max_tokens, device)
-            hf_s.append(t)
-            if vllm:
-                t, vllm_tokens, vllm_steps = vllm.run(prompts, args.max_tokens)
-                vllm_s.append(t)
-        if vllm:
-            vllm.close()
+            rounds["fs_engine"].append(run_engine(llm, prompts, args.max_tokens))
+            rounds["transformers"].append((*run_hf(hf, prompts, args.max_tokens, device), {}))
+            if peer:
+                rounds["vllm"].append(peer.run(prompts, args.max_tokens))
+        if peer:
+            peer.close()
 
+    result = summarize(args, device, rounds, peer.config if peer else None)
+    print_report(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def summarize(args: argparse.Namespace, device: str, rounds: dict[str, list], vllm_config: dict | None) -> dict:
     num_tokens = args.num_prompts * args.max_tokens
-    engine_tps = num_tokens / statistics.median(engine_s)
-    hf_tps = num_tokens / statistics.median(hf_s)
-    same = sum(a == b for a, b in zip(engine_tokens, hf_tokens))
-    num_steps = engine_steps["num_steps"]
+    seconds = {name: [r[0] for r in runs] for name, runs in rounds.items() if runs}
+    tps = {name: num_tokens / statistics.median(s) for name, s in seconds.items()}
+    tokens = {name: runs[-1][1] for name, runs in rounds.items() if runs}
+    counts = {name: runs[-1][2] for name, runs in rounds.items() if runs}  # the same every round but the first
+
+    def identical(name: str) -> str:
+        return f"{sum(a == b for a, b in zip(tokens['fs_engine'], tokens[name]))}/{args.num_prompts}"
+
+    def ms_per_step(name: str) -> float:
+        return round(1e3 * statistics.median(seconds[name]) / counts[name]["num_steps"], 3)
+
+    engine_execute_s = statistics.median(r[2]["execute_s"] for r in rounds["fs_engine"])
     result = {
         "model": args.model or f"tiny-{args.arch}-{args.preset}",
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
@@ -162,46 +185,52 @@ def main() -> None:
         "num_prompts": args.num_prompts,
         "prompt_len": [args.min_len, args.max_len],
         "max_tokens": args.max_tokens,
-        "fs_engine_tokens_per_s": round(engine_tps, 1),
-        "transformers_tokens_per_s": round(hf_tps, 1),
-        "ratio": round(engine_tps / hf_tps, 2),
-        "identical_outputs": f"{same}/{args.num_prompts}",
-        "fs_engine_steps": num_steps,
-        "fs_engine_ms_per_step": round(1e3 * statistics.median(engine_s) / num_steps, 3),
-        "fs_engine_execute_ms_per_step": round(1e3 * engine_steps["execute_s"] / num_steps, 3),
-        "fs_engine_cached_prompt_tokens": engine_steps["num_cached_tokens"],
+        "repeats": args.repeats,
+        "fs_engine_tokens_per_s": round(tps["fs_engine"], 1),
+        "transformers_tokens_per_s": round(tps["transformers"], 1),
+        "ratio": round(tps["fs_engine"] / tps["transformers"], 2),
+        "identical_outputs": identical("transformers"),
+        "fs_engine_steps": counts["fs_engine"]["num_steps"],
+        "fs_engine_ms_per_step": ms_per_step("fs_engine"),
+        "fs_engine_execute_ms_per_step": round(1e3 * engine_execute_s / counts["fs_engine"]["num_steps"], 3),
+        "fs_engine_cached_prompt_tokens": counts["fs_engine"]["num_cached_tokens"],
     }
-    if vllm:
-        vllm_tps = num_tokens / statistics.median(vllm_s)
+    if vllm_config:
         result.update({
-            "vllm_tokens_per_s": round(vllm_tps, 1),
-            "fs_engine_vs_vllm_ratio": round(engine_tps / vllm_tps, 2),
-            "vllm_identical_outputs": f"{sum(a == b for a, b in zip(engine_tokens, vllm_tokens))}/{args.num_prompts}",
-            "vllm_steps": vllm_steps["num_steps"],
-            "vllm_ms_per_step": round(1e3 * statistics.median(vllm_s) / vllm_steps["num_steps"], 3),
-            "vllm_cached_prompt_tokens": vllm_steps["num_cached_tokens"],
-            "vllm_config": vllm.config,
+            "vllm_tokens_per_s": round(tps["vllm"], 1),
+            "fs_engine_vs_vllm_ratio": round(tps["fs_engine"] / tps["vllm"], 2),
+            "vllm_identical_outputs": identical("vllm"),
+            "vllm_steps": counts["vllm"]["num_steps"],
+            "vllm_ms_per_step": ms_per_step("vllm"),
+            "vllm_cached_prompt_tokens": counts["vllm"]["num_cached_tokens"],
+            "vllm_config": vllm_config,
         })
-    print(f"{result['model']} on {result['device']}, {args.dtype}: {args.num_prompts} prompts of "
-          f"{args.min_len}-{args.max_len} tokens, {args.max_tokens} new tokens each, median of {args.repeats}")
-    print(f"  fs-engine LLM.generate      {engine_tps:9.1f} tokens/s")
-    print(f"  transformers generate       {hf_tps:9.1f} tokens/s  (one left-padded batch)")
-    print(f"  ratio                       {result['ratio']:9.2f}x")
-    print(f"  greedy outputs identical    {result['identical_outputs']} (padding can shift float rounding in HF)")
-    print(f"  fs-engine steps             {num_steps:9d}     {result['fs_engine_ms_per_step']:.3f} ms/step "
-          f"({result['fs_engine_execute_ms_per_step']:.3f} in the executor), "
-          f"{engine_steps['num_cached_tokens']} prompt tokens from cache")
-    if vllm:
-        cfg = vllm.config
-        print(f"  vLLM LLM.generate           {vllm_tps:9.1f} tokens/s  (vllm {cfg['vllm']}, OMP threads bound to "
-              f"{cfg['omp_threads_bind']}, enforce_eager)")
-        print(f"  fs-engine / vLLM            {result['fs_engine_vs_vllm_ratio']:9.2f}x")
-        print(f"  greedy outputs identical    {result['vllm_identical_outputs']} (fs-engine vs vLLM)")
-        print(f"  vLLM steps                  {result['vllm_steps']:9d}     {result['vllm_ms_per_step']:.3f} ms/step "
-              f"(that returned outputs), {vllm_steps['num_cached_tokens']} prompt tokens from cache "
+    result["round_s"] = seconds  # the spread: on a shared machine, others' work slows some rounds
+    result["best_round_tokens_per_s"] = {name: round(num_tokens / min(s), 1) for name, s in seconds.items()}
+    return result
+
+
+def print_report(r: dict) -> None:
+    print(f"{r['model']} on {r['device']}, {r['dtype']}: {r['num_prompts']} prompts of {r['prompt_len'][0]}-"
+          f"{r['prompt_len'][1]} tokens, {r['max_tokens']} new tokens each, median of {r['repeats']}")
+    print(f"  fs-engine LLM.generate      {r['fs_engine_tokens_per_s']:9.1f} tokens/s")
+    print(f"  transformers generate       {r['transformers_tokens_per_s']:9.1f} tokens/s  (one left-padded batch)")
+    print(f"  ratio                       {r['ratio']:9.2f}x")
+    print(f"  greedy outputs identical    {r['identical_outputs']} (padding can shift float rounding in HF)")
+    print(f"  fs-engine steps             {r['fs_engine_steps']:9d}     {r['fs_engine_ms_per_step']:.3f} ms/step "
+          f"({r['fs_engine_execute_ms_per_step']:.3f} in the executor), "
+          f"{r['fs_engine_cached_prompt_tokens']} prompt tokens from cache")
+    if "vllm_config" in r:
+        cfg = r["vllm_config"]
+        print(f"  vLLM LLM.generate           {r['vllm_tokens_per_s']:9.1f} tokens/s  (vllm {cfg['vllm']}, "
+              f"OMP threads bound to {cfg['omp_threads_bind']}, enforce_eager)")
+        print(f"  fs-engine / vLLM            {r['fs_engine_vs_vllm_ratio']:9.2f}x")
+        print(f"  greedy outputs identical    {r['vllm_identical_outputs']} (fs-engine vs vLLM)")
+        print(f"  vLLM steps                  {r['vllm_steps']:9d}     {r['vllm_ms_per_step']:.3f} ms/step "
+              f"(that returned outputs), {r['vllm_cached_prompt_tokens']} prompt tokens from cache "
               f"(block size {cfg['block_size']})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    best = ", ".join(f"{name} {v}" for name, v in r["best_round_tokens_per_s"].items())
+    print(f"  best round, tokens/s        {best}")
 
 
 if __name__ == "__main__":

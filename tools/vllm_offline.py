@@ -3,7 +3,7 @@
 Loads ``vllm.LLM`` once, then serves timed rounds: one JSON line on stdin per round,
 ``{"prompts": [[token ids], ...], "max_tokens": N}``, answered by one JSON line on stdout,
 ``{"seconds": S, "token_ids": [[...], ...], "num_steps": K, "num_cached_tokens": C}``; EOF ends it.
-The first line out is ``{"ready": true, ...}`` with the settings vLLM ended up with. Greedy, eos
+The first line out, once the model is loaded, is the settings vLLM ended up with. Greedy, eos
 ignored; only the generate call is timed. It must not import fs_engine: vLLM pins its own torch.
 
 ``num_steps`` counts the engine steps that returned outputs (vLLM's ``vllm:iteration_tokens_total``
@@ -19,6 +19,9 @@ On CPU, vLLM runs three processes: this one, its engine core (scheduler) and one
 threads run the model. Thread binding (``VLLM_CPU_OMP_THREADS_BIND``): ``auto`` keeps one core per
 worker for the other processes, which on a 2-core machine leaves the worker ONE OpenMP thread; this
 script defaults to ``0-<n-1>`` (all cores, like fs-engine and transformers here), set it to override.
+On an idle 2-core machine both ran at about 22 ms per step for the tiny model; threads bound with
+``OMP_PROC_BIND`` cannot move off a core that other work takes, so a loaded machine slows vLLM more.
+After each message the worker busy-polls its shared-memory queue for 1 s (most of a core), then sleeps.
 ``VLLM_CPU_KVCACHE_SPACE`` (GiB) defaults to 2 here, enough for these benchmarks on a 24 GiB machine.
 """
 
@@ -56,12 +59,12 @@ def main() -> None:
     llm = vllm.LLM(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len,
               skip_tokenizer_init=True, disable_log_stats=False)  # stats on: they count the steps
     config = llm.llm_engine.vllm_config
-    ready = {"ready": True, "vllm": vllm.__version__,
+    settings = {"vllm": vllm.__version__,
              "omp_threads_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
              "kvcache_space_gib": int(os.environ["VLLM_CPU_KVCACHE_SPACE"]),
              "block_size": config.cache_config.block_size, "max_num_seqs": config.scheduler_config.max_num_seqs,
              "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens}
-    print(json.dumps(ready), file=protocol, flush=True)
+    print(json.dumps(settings), file=protocol, flush=True)
 
     for line in sys.stdin:
         job = json.loads(line)

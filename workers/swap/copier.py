@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 GRANULARITIES = ("group", "block", "block_layer")
@@ -51,23 +52,39 @@ class KVCopier:
     def _copy(self, src: torch.Tensor, dst: torch.Tensor, runs: list[Run]) -> CopyStats:
         stats = CopyStats()
         non_blocking = src.device != dst.device
+        if not (src.is_cuda or dst.is_cuda):
+            # host to host: copy the bytes with numpy (one memcpy, GIL released). A torch copy from a copy
+            # thread would start a second OpenMP team beside the forward pass's, and on a machine with few
+            # cores the two teams' spinning threads slow every step
+            src, dst = _host_bytes(src), _host_bytes(dst)
         for src_start, dst_start, n in runs:
             stats.bytes += n * self.block_bytes
             if self.granularity == "group":
-                dst[dst_start : dst_start + n].copy_(src[src_start : src_start + n], non_blocking=non_blocking)
+                _assign(dst[dst_start : dst_start + n], src[src_start : src_start + n], non_blocking)
                 stats.calls += 1
             elif self.granularity == "block":
                 for i in range(n):
-                    dst[dst_start + i].copy_(src[src_start + i], non_blocking=non_blocking)
+                    _assign(dst[dst_start + i], src[src_start + i], non_blocking)
                 stats.calls += n
             else:
                 num_layers = src.shape[1]
                 for i in range(n):
                     for layer in range(num_layers):
                         for kv in range(2):
-                            dst[dst_start + i, layer, kv].copy_(src[src_start + i, layer, kv],
-                                                                non_blocking=non_blocking)
+                            _assign(dst[dst_start + i, layer, kv], src[src_start + i, layer, kv], non_blocking)
                 stats.calls += n * num_layers * 2
         if non_blocking and (src.is_cuda or dst.is_cuda):
             torch.cuda.current_stream().synchronize()  # synchronous copier: the bytes have landed on return
         return stats
+
+
+def _host_bytes(arena: torch.Tensor) -> np.ndarray:
+    """A host arena as a numpy array of bytes, same leading (block) dimensions."""
+    return arena.view(torch.uint8).numpy()
+
+
+def _assign(dst, src, non_blocking: bool) -> None:
+    if isinstance(dst, np.ndarray):
+        np.copyto(dst, src)
+    else:
+        dst.copy_(src, non_blocking=non_blocking)
