@@ -113,7 +113,7 @@ class LLMEngine:
         session_id: str | None = None,
     ) -> None:
         params = params or SamplingParams()
-        if request_id in self.scheduler.requests:
+        if request_id in self.scheduler.requests or request_id in self._unprocessed:  # (its last output not taken)
             raise ValueError(f"request id {request_id!r} is already in use; pick a unique id")
         prompt_text, token_ids = self._tokenize(prompt)
         self._check_fits(token_ids, params)

@@ -120,6 +120,38 @@ def test_engine_step_streams_and_abort_frees_blocks(tiny_model_dirs):
     assert stats["num_aborted_requests"] == 1 and stats["num_finished_requests"] == 1
 
 
+def test_split_steps_give_the_outputs_of_step_and_hold_an_id_until_its_last_output_is_taken(tiny_model_dirs):
+    """begin_step / take_outputs / end_step, as the server overlaps them, give the same tokens and texts as
+    step(); a finished request's id stays taken until its final output has been taken."""
+    model = tiny_model_dirs["qwen3"]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = {"a": "Hello there", "b": "Once upon a time"}
+    reference = LLMEngine(model)
+    for rid, prompt in prompts.items():
+        reference.add_request(rid, prompt, params)
+    expected = {}
+    while reference.has_unfinished_requests():
+        expected.update((o.request_id, (o.token_ids, o.text)) for o in reference.step() if o.finished)
+
+    engine = LLMEngine(model)
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, params)
+    got, streamed = {}, {"a": [], "b": []}
+    while engine.has_unfinished_requests():
+        begun = engine.begin_step()
+        for out in engine.take_outputs():  # the previous step's, while this one runs
+            assert out.token_ids[: len(streamed[out.request_id])] == streamed[out.request_id]
+            streamed[out.request_id] = out.token_ids
+            if out.finished:
+                got[out.request_id] = (out.token_ids, out.text)
+        if begun:
+            engine.end_step()
+            if "a" not in got and "a" not in engine.scheduler.requests:  # finished, final output not taken
+                with pytest.raises(ValueError, match="already in use"):
+                    engine.add_request("a", "again", params)
+    assert got == expected
+
+
 def test_outputs_keep_input_order_and_batch_continuously(llm):
     prompts = _prompts(5, seed=4)
     lengths = [30, 2, 17, 1, 9]
