@@ -44,7 +44,8 @@ class Policy(ABC):
         return (*self.group_rank(self.group(request)), request.arrival_seq)
 
     def on_arrival(self, request: Request, live: Iterable[Request]) -> None:
-        """A request was added; ``live`` are the requests already in the engine."""
+        """A request was added; ``live`` are requests already in the engine, at least one of each group
+        (the scheduler passes one per group, so an arrival costs O(groups), not O(live requests))."""
 
     def on_served(self, request: Request, prompt_tokens: int, output_tokens: int) -> None:
         """A step computed ``prompt_tokens`` new prompt tokens and sampled ``output_tokens`` for ``request``."""

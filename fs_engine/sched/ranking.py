@@ -73,6 +73,10 @@ class RankedQueue:
         if request.request_id in self._where and self._where[request.request_id][0].key != self.policy.group(request):
             self.add(request, self.remove(request))
 
+    def group_heads(self) -> list[Request]:
+        """One request of every group (a tenant's, a priority level's): what is live, per group, in O(groups)."""
+        return [group.requests[0] for group in self._order]
+
     def _runs(self) -> list[list[_Group]]:
         """Groups in rank order, those of equal rank together."""
         rank = self.policy.group_rank

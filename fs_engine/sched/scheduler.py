@@ -155,7 +155,7 @@ class Scheduler:
     # ---- request lifecycle -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         assert request.status is S.WAITING and request.observer is None, f"{request} was scheduled before"
-        self.policy.on_arrival(request, self.requests.values())
+        self.policy.on_arrival(request, self._ranked.group_heads())
         self.requests[request.request_id] = request
         self._counts[S.WAITING] += 1
         self._ranked.add(request)
