@@ -32,21 +32,13 @@ class InProcessExecutor:
                                      config.swap.copy_granularity, config.swap.swap_threads)
 
         self._run: PlanInFlight | None = None
-        self._result: StepResult | None = None
 
     def submit(self, plan: StepPlan) -> None:
-        self._run = start_plan(plan, self.swaps, self._execute)
-
-    def _execute(self, plan: StepPlan) -> None:
-        self._result = self.worker.execute(plan)
+        self._run = start_plan(plan, self.swaps, self.worker.execute)  # the step runs here and now
 
     def collect(self) -> StepResult:
         run, self._run = self._run, None
-        return finish_plan(run, self.swaps, self._take_result)
-
-    def _take_result(self) -> StepResult:
-        result, self._result = self._result, None
-        return result
+        return finish_plan(run, self.swaps)
 
     def execute(self, plan: StepPlan) -> StepResult:
         self.submit(plan)

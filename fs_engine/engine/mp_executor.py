@@ -111,6 +111,7 @@ class MultiprocExecutor:
         self._run = start_plan(plan, self.swaps, self._send_plan)
 
     def _send_plan(self, plan: StepPlan) -> None:
+        """To every rank; rank 0's result is read in ``collect``."""
         for channel in self._plans:
             self._send(channel, plan)
 

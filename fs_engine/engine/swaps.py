@@ -64,10 +64,13 @@ class PlanInFlight:
     started: float
     wait_s: float
     sent: bool  # the workers have it (False: nothing to compute)
+    result: StepResult | None = None  # what ``send`` returned: workers in this process run the step in it
 
 
-def start_plan(plan: StepPlan, swaps: SwapExecutor | None, send: Callable[[StepPlan], None]) -> PlanInFlight:
-    """Steps 1-3: the plan's copies in order, then hand it (without swaps) to the workers."""
+def start_plan(plan: StepPlan, swaps: SwapExecutor | None,
+               send: Callable[[StepPlan], StepResult | None]) -> PlanInFlight:
+    """Steps 1-3: the plan's copies in order, then hand it (without swaps) to the workers. ``send`` returns
+    the result when the workers run in this process, None when it comes back later (``finish_plan``)."""
     started = time.perf_counter()
     if plan.swaps and swaps is None:
         raise RuntimeError("the plan swaps KV but the engine has no host arena (num_cpu_blocks=0)")
@@ -80,17 +83,17 @@ def start_plan(plan: StepPlan, swaps: SwapExecutor | None, send: Callable[[StepP
             swaps.wait({c.swap_id for c in commands if c.wait})
             wait_s += time.perf_counter() - t
     sent = bool(plan.request_ids or plan.new_requests or plan.finished_ids)
-    if sent:
-        send(plan.with_swaps([]) if plan.swaps else plan)
-    return PlanInFlight(plan, started, wait_s, sent)
+    result = send(plan.with_swaps([]) if plan.swaps else plan) if sent else None
+    return PlanInFlight(plan, started, wait_s, sent, result)
 
 
-def finish_plan(run: PlanInFlight, swaps: SwapExecutor | None, receive: Callable[[], StepResult]) -> StepResult:
+def finish_plan(run: PlanInFlight, swaps: SwapExecutor | None,
+                receive: Callable[[], StepResult] | None = None) -> StepResult:
     """Steps 4-5: the workers' result (or, with nothing to compute, a wait for a copy), with every copy
     completed since the last step."""
     plan, wait_s = run.plan, run.wait_s
     if run.sent:
-        result = receive()
+        result = run.result if run.result is not None else receive()
     else:
         result = StepResult(step_id=plan.step_id)
         if swaps is not None and swaps.num_in_flight and not any(c.wait for c in plan.swaps):
