@@ -67,6 +67,7 @@ class Request:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)  # the prompt never changes
         self.params = params
         self._priority = priority
         self.tenant = tenant
@@ -117,10 +118,6 @@ class Request:
             self._block_hashes += extend_chain(self._block_hashes[-1] if done else None, self.token_ids,
                                                block_size, done, full, self.session_id)
         return self._block_hashes
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -51,6 +51,11 @@ class KVCacheManager:
     def num_evictable_blocks(self) -> int:
         return self._num_evictable_blocks
 
+    @property
+    def tables(self) -> dict[str, list[int]]:
+        """Every owner's block table, to read only (the scheduler's hot loop looks tables up here)."""
+        return self._tables
+
     def holds(self, request_id: str) -> bool:
         return request_id in self._tables
 

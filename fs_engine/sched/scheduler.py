@@ -237,21 +237,42 @@ class Scheduler:
         # requests below the current one that hold device blocks (running or swapping out when the step
         # began): once blocked and past the last of them, nothing further down can change this step
         active_below = self._counts[S.RUNNING] + self._counts[S.SWAPPING_OUT]
+        tables = self.kv.tables  # read only
+        # the plan's columns, bound once: a steady decode appends to them inline (below)
+        ids, starts, counts, tokens_col = plan.request_ids, plan.start_pos, plan.num_scheduled, plan.token_ids
+        samples, table_starts, new_blocks = plan.sample_index, plan.table_start, plan.num_new_blocks
         for request in self._ranked:
             if budget <= 0 or len(in_batch) >= max_seqs or (blocked and active_below <= 0):
                 break
-            status = request.status
+            status = request._status
             rid = request.request_id
             if status is S.RUNNING:  # the common case, kept lean: a decode step or the next prompt chunk
                 active_below -= 1
-                num_new = min(len(request.token_ids) - request.num_computed_tokens, budget)
-                table = self.kv.block_ids(rid)
-                if request.num_computed_tokens + num_new > len(table) * block_size:
+                computed = request.num_computed_tokens
+                tokens = request.token_ids
+                table = tables[rid]
+                num_blocks = len(table)
+                if (len(tokens) == computed + 1 and computed < num_blocks * block_size
+                        and request.worker_table is table and request.worker_table_len == num_blocks):
+                    # a steady decode (its block has room, the worker holds this table whole): ``_add_chunk``
+                    # inlined, which halves the scheduler's time per running request
+                    ids.append(rid)
+                    starts.append(computed)
+                    counts.append(1)
+                    tokens_col.append(tokens[computed])
+                    samples.append(computed + 1 - request.num_prompt_tokens)
+                    table_starts.append(num_blocks)
+                    new_blocks.append(0)
+                    in_batch.add(rid)
+                    budget -= 1
+                    continue
+                num_new = min(len(tokens) - computed, budget)
+                if computed + num_new > num_blocks * block_size:
                     grown = self._grow(plan, request, num_new, in_batch)
                     memory_waiter = memory_waiter or grown == "wait"
                     if grown != "ok":
                         continue
-                    table = self.kv.block_ids(rid)
+                    table = tables[rid]
                 self._add_chunk(plan, request, num_new, table)
                 in_batch.add(rid)
                 budget -= num_new

@@ -151,8 +151,9 @@ def test_bench_engine_overhead_measures_this_tree_against_a_baseline(tmp_path, m
     # the baseline is HEAD here (any commit of this history works; the default is the one before issue 12)
     run_tool("bench_engine_overhead.py", ["--baseline", "HEAD", "--live", "16,64", "--policies", "fcfs,priority",
                                           "--steps", "10", "--prep-requests", "8", "--prep-context", "256",
-                                          "--prep-steps", "3", "--json", str(out)], monkeypatch)
+                                          "--prep-steps", "3", "--rounds", "2", "--json", str(out)], monkeypatch)
     result = json.loads(out.read_text())
+    assert result["rounds"] == 2
     for side in ("baseline", "current"):
         rows = result[side]["scheduler"]
         assert [(r["policy"], r["live"]) for r in rows] == [("fcfs", 16), ("fcfs", 64), ("priority", 16),
