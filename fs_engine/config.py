@@ -46,6 +46,8 @@ def check_types(cfg: Any) -> None:
             check_value(is_number, f.name, value, "must be a number")
         elif annotation.startswith("str"):
             check_value(isinstance(value, str), f.name, value, "must be a string")
+        elif annotation.startswith("bool"):
+            check_value(isinstance(value, bool), f.name, value, "must be True or False")
 
 
 LOAD_FORMATS = ("auto", "dummy")
@@ -156,6 +158,9 @@ class SchedulerConfig:
     preemption_cooldown_steps: int = _help(
         "steps a request runs after being scheduled in before a higher-ranked one may preempt it "
         "(anti-thrashing; memory growth may still preempt it)", default=4)
+    async_scheduling: bool = _help(
+        "multi-process engines: schedule step N+1 while step N runs (the workers fill in step N's sampled tokens), "
+        "so the frontend's work between steps leaves the critical path; greedy output is unchanged", default=True)
 
     def __post_init__(self) -> None:
         check_types(self)

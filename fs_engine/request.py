@@ -37,7 +37,8 @@ class RequestStatus(enum.Enum):
         return _FINISH_REASONS.get(self)
 
 
-_FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
+FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
+_FINISHED = FINISHED
 _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
@@ -49,7 +50,7 @@ class Request:
     """Prompt, generated tokens and progress of one request.
 
     ``token_ids`` is the prompt followed by the generated tokens; ``num_computed_tokens`` of them have KV in
-    the cache. A recompute preemption sets it back to 0: the next chunks recompute prompt and outputs alike.
+    the cache (``num_inflight_tokens`` more once the steps in flight land). A recompute preemption sets it back to 0: the next chunks recompute prompt and outputs alike.
     """
 
     def __init__(
@@ -76,6 +77,10 @@ class Request:
         self.arrival_time = time.monotonic()
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        # async scheduling: tokens that planned steps compute, and tokens they sample, whose results are not
+        # applied yet (always 0 when plans are only made after the previous result)
+        self.num_inflight_tokens = 0
+        self.num_pending_tokens = 0
         self._status = RequestStatus.WAITING
         self.observer: RequestObserver | None = None  # the scheduler, told of status and priority changes
         self.num_preemptions = 0

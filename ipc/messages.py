@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 
 PROTOCOL_VERSION = 2
 INT32 = {"wire": "int32"}  # field metadata: a token-id list that travels as raw int32 bytes
+PENDING_TOKEN = -1  # a plan's token id for "the token this request sampled in the step before" (async scheduling)
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily
 
 
@@ -101,6 +102,10 @@ class StepPlan:
     concatenated), so a plan of hundreds of requests encodes as a few raw int32 arrays and the worker builds
     its inputs from them with vectorised tensor ops. ``chunks`` and ``add_chunk`` read and write them as
     ``ScheduledChunk`` views; ``sample_index`` is -1 for a chunk that samples nothing.
+
+    With async scheduling a plan goes out before the previous step's tokens are known: a decode chunk whose
+    input is the token its request samples in that step carries ``PENDING_TOKEN``, and the worker (which
+    runs plans in order) puts in the token it sampled for that request last.
     """
 
     step_id: int

@@ -5,7 +5,8 @@ so the rows a step uses reach the device in one asynchronous copy). A plan sends
 the blocks it gained (``ScheduledChunk.table_start``); ``update`` writes them into the rows with one
 indexed store, and ``inputs`` builds token ids, positions, slot mapping, block tables and sample rows with a
 dozen vectorised tensor ops, whatever the batch size or the context length. A row is freed when its request
-appears in ``finished_ids``.
+appears in ``finished_ids``. Each row also keeps the token its request sampled last, which a plan made
+before that step's result (async scheduling) names as ``PENDING_TOKEN``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ipc.messages import StepPlan
+from ipc.messages import PENDING_TOKEN, StepPlan
 from workers.attention import AttentionMetadata
 
 
@@ -30,6 +31,7 @@ class StepInputs:
     positions: torch.Tensor  # [num_tokens] int64
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # [num_sampled] int64: the hidden-state rows to sample from
+    sampled_table_rows: torch.Tensor  # [num_sampled] int64 (host): their requests' rows, for ``record_sampled``
 
 
 class InputBatch:
@@ -40,6 +42,7 @@ class InputBatch:
         self._pin = device.type == "cuda"
         self.tables = self._zeros(num_rows, max_blocks_per_seq)
         self.table_lens = torch.zeros(num_rows, dtype=torch.int64)  # entries each row holds
+        self.last_token = torch.full((num_rows,), PENDING_TOKEN, dtype=torch.int64)  # each row's last sample
         self.rows: dict[str, int] = {}
         self._free_rows = list(range(num_rows - 1, -1, -1))
 
@@ -53,6 +56,7 @@ class InputBatch:
             if row is not None:
                 self.tables[row, : int(self.table_lens[row])] = 0  # tables are padded with 0
                 self.table_lens[row] = 0
+                self.last_token[row] = PENDING_TOKEN
                 self._free_rows.append(row)
 
     def table(self, request_id: str) -> list[int]:
@@ -74,6 +78,7 @@ class InputBatch:
         tables[:old] = self.tables
         self.tables = tables
         self.table_lens = torch.cat([self.table_lens, torch.zeros(old, dtype=torch.int64)])
+        self.last_token = torch.cat([self.last_token, torch.full((old,), PENDING_TOKEN, dtype=torch.int64)])
         self._free_rows = list(range(2 * old - 1, old - 1, -1))
 
     def update(self, plan: StepPlan) -> torch.Tensor:
@@ -114,7 +119,8 @@ class InputBatch:
         max_seq_len = int(seq_lens.max())
         block_tables = self.tables.index_select(0, rows)[:, : -(-max_seq_len // bs)]
         slots = block_tables[seq_of_token, positions // bs].to(torch.int64) * bs + positions % bs
-        sample_rows = (query_start[1:] - 1)[_ints(plan.sample_index) >= 0]
+        samples = _ints(plan.sample_index) >= 0
+        sample_rows = (query_start[1:] - 1)[samples]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=slots.to(dev, non_blocking=True),
@@ -127,8 +133,22 @@ class InputBatch:
             max_seq_len=max_seq_len,
         )
         token_ids = _ints(plan.token_ids)
+        pending = token_ids == PENDING_TOKEN
+        if bool(pending.any()):  # tokens sampled by the step before this plan's (async scheduling)
+            pending_rows = rows[seq_of_token[pending]]
+            filled = self.last_token[pending_rows]
+            if bool((filled == PENDING_TOKEN).any()):
+                bad = sorted({plan.request_ids[i] for i in seq_of_token[pending][filled == PENDING_TOKEN].tolist()})
+                raise ValueError(f"plan {plan.step_id} asks for the last sampled token of {bad}, which sampled none")
+            token_ids[pending] = filled
         return StepInputs(token_ids.to(dev, non_blocking=True), positions.to(dev, non_blocking=True), meta,
-                          sample_rows.to(dev, non_blocking=True))
+                          sample_rows.to(dev, non_blocking=True), rows[samples])
+
+    def record_sampled(self, table_rows: torch.Tensor, token_ids: list[int]) -> None:
+        """The tokens a step sampled, by row (``StepInputs.sampled_table_rows``): what a later plan's
+        ``PENDING_TOKEN`` stands for."""
+        if token_ids:
+            self.last_token[table_rows] = _ints(token_ids)
 
     def prepare(self, plan: StepPlan) -> StepInputs | None:
         """``update`` then ``inputs``; None for a plan that computes nothing."""

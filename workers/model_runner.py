@@ -125,6 +125,7 @@ class ModelRunner:
                 result.request_ids = [r for r, _ in sampled]
                 result.token_ids = self.sampler(logits, [self._specs[r] for r in result.request_ids],
                                                 [i for _, i in sampled])
+                self.batch.record_sampled(inputs.sampled_table_rows, result.token_ids)
             # a step that samples nothing (a long prompt's middle chunk) would return with its kernels still
             # queued; after sampling the stream is idle already and this costs nothing
             self.stream.synchronize()

@@ -31,6 +31,7 @@ class InProcessExecutor:
             self.swaps = ThreadSwaps(self.worker.runner.kv_arena, self.worker.host_arena(),
                                      config.swap.copy_granularity, config.swap.swap_threads)
 
+        self.max_steps_in_flight = 1  # a step runs inside submit: there is nothing to overlap it with
         self._run: PlanInFlight | None = None
 
     def submit(self, plan: StepPlan) -> None:

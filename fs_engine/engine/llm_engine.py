@@ -8,13 +8,24 @@ A step is three parts, so a front end can overlap host work with the workers' fo
 - ``end_step()``: collect the result, append the tokens and finish requests that stopped. Only what decides
   whether a request stops is done here: token checks, and detokenization for requests with stop strings.
 
-``step()`` is all three in order and returns this step's outputs, as an offline caller expects; ``run()``
-steps until no work is left with each step's output processing overlapping the next one.
+With async scheduling (multi-process engines, ``SchedulerConfig.async_scheduling``) ``begin_step()`` plans
+step N+1 while step N still runs, its decode chunks naming the tokens step N samples as ``PENDING_TOKEN``
+(the worker fills them in), and ``end_step()`` then collects step N, leaving N+1 running: the worker finds
+its next plan waiting when a step ends, and the frontend's work between steps leaves the critical path. A
+plan that copies KV runs alone: it goes out once no step is in flight (safety rule 1), and its result is
+applied before the next plan is made (swap states change only at results). A request that stops at step N
+on a stop token has computed one token more in step N+1, which is dropped (a request whose next token is
+its last by length is not planned again, nor preempted).
+
+``step()`` is all three in order and returns this step's outputs, as an offline caller expects (it leaves
+no step in flight); ``run()`` steps until no work is left with each step's output processing overlapping
+the next one.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +43,7 @@ from fs_engine.sim.clock import WallClock
 from fs_engine.sim.devices import is_simulated
 from fs_engine.sim.executor import SimExecutor
 from fs_engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from ipc.messages import StepResult
 
 Prompt = str | list[int]
 
@@ -88,18 +100,22 @@ class LLMEngine:
         self.block_size = self.config.cache.block_size
         self.kv = KVCacheManager(self.executor.num_blocks, self.block_size, self.config.cache.block_allocator)
         self.cpu_store = CpuKVStore(self.executor.num_cpu_blocks, self.block_size, self.config.swap.enable_kv_reuse)
-        self.scheduler = Scheduler(self.config.scheduler, self.kv, self.cpu_store, self.config.swap)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv, self.cpu_store, self.config.swap,
+                                   max_model_len=self.max_model_len)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
         self._counters = dict.fromkeys(
             ("num_steps", "num_prompt_tokens", "num_generated_tokens", "num_batched_tokens",
-             "num_finished_requests", "num_aborted_requests"), 0
+             "num_finished_requests", "num_aborted_requests", "num_async_plans"), 0
         )
         self._execute_s = 0.0
         self._swap_wait_s = 0.0
         self._worker_idle_s = 0.0  # the worker waited for the next plan while the engine had work
         self._busy = False  # the last step left work to do: the gap until the next plan counts as idle
-        self._plan = None  # the step in flight (between begin_step and end_step)
+        self._in_flight: deque = deque()  # plans begun and not yet collected, oldest first
+        self._max_in_flight = getattr(self.executor, "max_steps_in_flight", 1)
+        self._began = False  # the last begin_step started a step
+        self._alone = False  # ... whose plan copies KV: collected before the next plan is made
         self._unprocessed: dict[str, Request] = {}  # requests with tokens not turned into outputs yet
 
     # ---- requests ----------------------------------------------------------------------------------------
@@ -175,41 +191,61 @@ class LLMEngine:
         self.scheduler.update_priority(request_id, priority)
 
     def has_unfinished_requests(self) -> bool:
-        """Work left: live requests, copies in flight, or outputs not taken yet."""
-        return self.scheduler.has_unfinished() or bool(self._unprocessed)
+        """Work left: live requests, copies or steps in flight, or outputs not taken yet."""
+        return self.scheduler.has_unfinished() or bool(self._in_flight) or bool(self._unprocessed)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        if self.begin_step():
-            self.end_step()
+        self.begin_step()
+        while self._in_flight:
+            self._collect()
         return self.take_outputs()
 
     def run(self) -> Iterator[list[RequestOutput]]:
         """Step until no work is left, each step's output processing overlapping the next step's forward pass
         (as ``fs-engine launch`` does); yields outputs as they become ready."""
         while self.has_unfinished_requests():
-            begun = self.begin_step()
+            self.begin_step()
             outputs = self.take_outputs()
-            if begun:
-                self.end_step()
+            self.end_step()
             if outputs:
                 yield outputs
 
     def begin_step(self) -> bool:
-        """Schedule a step and start it on the workers; False if there is nothing to run."""
-        assert self._plan is None, "begin_step twice without end_step"
+        """Schedule a step and start it on the workers; False if there is nothing to run. With async
+        scheduling a step may be in flight already: the new plan queues behind it."""
+        assert len(self._in_flight) < self._max_in_flight, "begin_step with every step slot busy: call end_step"
         plan = self.scheduler.schedule()
-        # a plan with no forward work still goes out while copies are in flight: the worker lands them
-        if not (plan.request_ids or plan.finished_ids or plan.swaps or self.scheduler.has_unfinished()):
-            self._busy = False
+        self._began = False
+        has_work = plan.request_ids or plan.finished_ids or plan.new_requests or plan.swaps
+        if not has_work and self._in_flight:  # nothing new while a step runs: that step's end will tell
+            self.scheduler.update(plan, StepResult(step_id=plan.step_id))
             return False
+        # a plan with no forward work still goes out while copies are in flight: the worker lands them
+        if not (has_work or self.scheduler.has_unfinished()):
+            self._busy = False
+            self.scheduler.update(plan, StepResult(step_id=plan.step_id))
+            return False
+        while plan.swaps and self._in_flight:  # rule 1: copies are issued with no step running
+            self._collect()
+        self._counters["num_async_plans"] += bool(self._in_flight)  # planned before the last result
         self.executor.submit(plan)
-        self._plan = plan
+        self._in_flight.append(plan)
+        self._began, self._alone = True, bool(plan.swaps)
         return True
 
     def end_step(self) -> None:
-        """Collect the running step's result and apply it; its outputs wait for ``take_outputs``."""
-        plan, self._plan = self._plan, None
+        """Collect a step's result and apply it; its outputs wait for ``take_outputs``. With async scheduling
+        the step just begun stays in flight (the oldest one is collected) while it has company to queue behind
+        it; called after every ``begin_step``, this keeps one step computing and the next one waiting."""
+        if not self._in_flight:
+            return
+        if self._began and not self._alone and len(self._in_flight) < self._max_in_flight:
+            return  # the next begin_step queues behind it
+        self._collect()
+
+    def _collect(self) -> None:
+        plan = self._in_flight.popleft()
         result = self.executor.collect()
         self._execute_s += result.execute_s
         self._swap_wait_s += result.swap_wait_s

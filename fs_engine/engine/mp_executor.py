@@ -5,7 +5,9 @@
 
 Same interface as ``InProcessExecutor``, and the same copy orchestration (``swaps.start_plan`` / ``finish_plan``): the
 plan's copies go to the swap process (``ProcessSwaps``), the plan without them to every rank, and rank 0's
-result comes back with every copy completed since the last step.
+result comes back with every copy completed since the last step. With async scheduling
+(``SchedulerConfig.async_scheduling``) two steps may be in flight: the next plan waits in the worker's socket
+while the current one computes, and results are collected in order.
 
 Every wait polls with a timeout and checks that each child is alive: a dead worker or swap process (or one
 that reports ``ProcessFailed``) raises ``EngineDeadError`` within about a second, never a hang.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 import time
+from collections import deque
 from typing import Any
 
 import zmq
@@ -50,7 +53,11 @@ class MultiprocExecutor:
         self.swapper = spawn.Process(target=run_swap_process, name="fs-engine-swap", daemon=True,
                                      args=(str(self.run_dir), self.addresses))
         self.swaps = ProcessSwaps(self._swap_commands, self._swap_done, self._check_children, self._send)
-        self._run: PlanInFlight | None = None
+        # steps the frontend may have in flight: two with async scheduling (the next plan queues behind the one
+        # computing, so the worker never waits for the frontend between steps)
+        self.max_steps_in_flight = 2 if config.scheduler.async_scheduling else 1
+        self._runs: deque[PlanInFlight] = deque()
+        self._last_collected = 0.0
         self._closed = False
         self._last_health_check = 0.0
         try:
@@ -107,8 +114,10 @@ class MultiprocExecutor:
     # ---- one step ----------------------------------------------------------------------------------------
     def submit(self, plan: StepPlan) -> None:
         """Start a step; the workers compute it while the frontend goes on until ``collect``."""
+        assert len(self._runs) < self.max_steps_in_flight, "too many steps in flight: collect one first"
+        assert not (plan.swaps and self._runs), "a plan that copies KV must wait for the steps in flight (rule 1)"
         self.check_health()
-        self._run = start_plan(plan, self.swaps, self._send_plan)
+        self._runs.append(start_plan(plan, self.swaps, self._send_plan))
 
     def _send_plan(self, plan: StepPlan) -> None:
         """To every rank; rank 0's result is read in ``collect``."""
@@ -116,8 +125,13 @@ class MultiprocExecutor:
             self._send(channel, plan)
 
     def collect(self) -> StepResult:
-        run, self._run = self._run, None
-        return finish_plan(run, self.swaps, lambda: self._recv(self._results, f"step {run.plan.step_id}"))
+        """The oldest step's result. Its time is counted from when it started or the step before it ended,
+        whichever is later: a plan queued behind another does not count the other's time."""
+        run = self._runs.popleft()
+        run.started = max(run.started, self._last_collected)
+        result = finish_plan(run, self.swaps, lambda: self._recv(self._results, f"step {run.plan.step_id}"))
+        self._last_collected = time.perf_counter()
+        return result
 
     def execute(self, plan: StepPlan) -> StepResult:
         self.submit(plan)

@@ -77,14 +77,13 @@ class FrontendServer:
             while not self._stop:
                 busy = self.engine.has_unfinished_requests()
                 self._drain(timeout_s=0 if busy else 0.05)
-                if self.engine.begin_step():
-                    # while the workers compute this step: stream the last step's tokens, take in new requests
-                    # and aborts (they apply from the next step)
-                    self._deliver(self.engine.take_outputs())
+                began = self.engine.begin_step()
+                # while the workers compute: stream the last step's tokens, take in new requests and aborts
+                # (they apply from the next plan)
+                self._deliver(self.engine.take_outputs())
+                if began:
                     self._drain(timeout_s=0)
-                    self.engine.end_step()
-                else:
-                    self._deliver(self.engine.take_outputs())
+                self.engine.end_step()
                 self._keepalive()
         except EngineDeadError as e:
             print(f"fs-engine: the engine died, shutting down: {e}", file=sys.stderr, flush=True)

@@ -49,10 +49,10 @@ from fs_engine.config import SchedulerConfig, SwapConfig
 from fs_engine.kv.block_groups import paired_runs
 from fs_engine.kv.cpu_store import CpuKVStore
 from fs_engine.kv.kv_manager import KVCacheManager, blocks_for
-from fs_engine.request import Request, RequestStatus
+from fs_engine.request import FINISHED, Request, RequestStatus
 from fs_engine.sched.policies import Policy, make_policy
 from fs_engine.sched.ranking import RankedQueue
-from ipc.messages import NewRequest, StepPlan, StepResult, SwapCommand, SwapDone
+from ipc.messages import PENDING_TOKEN, NewRequest, StepPlan, StepResult, SwapCommand, SwapDone
 
 S = RequestStatus
 _SEATED = (S.RUNNING, S.SWAPPING_IN)  # statuses that count against max_num_seqs
@@ -77,8 +77,10 @@ class Scheduler:
         cpu_store: CpuKVStore | None = None,
         swap: SwapConfig | None = None,
         policy: Policy | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         self.config = config
+        self.max_model_len = max_model_len  # a request ends at this many tokens (the engine's stop check)
         self.swap = swap or SwapConfig(swap_mode="sync")
         self.kv = kv
         self.cpu_store = cpu_store
@@ -92,6 +94,8 @@ class Scheduler:
         self._pending: list[SwapCommand] = []  # write-backs issued between steps, sent with the next plan
         self._swap_ids = itertools.count(1)
         self._finished_for_worker: list[str] = []
+        self._batches: dict[int, list[Request]] = {}  # step id -> its chunks' requests, until the result is applied
+        self._batch: list[Request] = []  # the plan being built's
         self._release_after_plan: list[str] = []
         self._preempted_now: set[str] = set()
         self._step_id = 0
@@ -227,6 +231,7 @@ class Scheduler:
         plan = StepPlan(step_id=self._step_id, finished_ids=self._finished_for_worker, swaps=self._pending)
         self._finished_for_worker, self._pending = [], []
         self._release_after_plan, self._preempted_now = [], set()
+        batch = self._batches[plan.step_id] = self._batch = []
         budget = self.config.max_num_batched_tokens
         max_seqs = self.config.max_num_seqs
         block_size = self.kv.block_size
@@ -248,25 +253,32 @@ class Scheduler:
             rid = request.request_id
             if status is S.RUNNING:  # the common case, kept lean: a decode step or the next prompt chunk
                 active_below -= 1
-                computed = request.num_computed_tokens
+                computed = request.num_computed_tokens + request.num_inflight_tokens
                 tokens = request.token_ids
+                pending = request.num_pending_tokens  # its token from the step in flight (async scheduling)
+                num_tokens = len(tokens) + pending
+                if pending and self._last_token_pending(request, num_tokens):
+                    continue  # that token ends it: computing one more would be thrown away
                 table = tables[rid]
                 num_blocks = len(table)
-                if (len(tokens) == computed + 1 and computed < num_blocks * block_size
+                if (num_tokens == computed + 1 and computed < num_blocks * block_size
                         and request.worker_table is table and request.worker_table_len == num_blocks):
                     # a steady decode (its block has room, the worker holds this table whole): ``_add_chunk``
                     # inlined, which halves the scheduler's time per running request
                     ids.append(rid)
                     starts.append(computed)
                     counts.append(1)
-                    tokens_col.append(tokens[computed])
-                    samples.append(computed + 1 - request.num_prompt_tokens)
+                    tokens_col.append(PENDING_TOKEN if pending else tokens[computed])
+                    samples.append(num_tokens - request.num_prompt_tokens)
                     table_starts.append(num_blocks)
                     new_blocks.append(0)
+                    request.num_inflight_tokens += 1
+                    request.num_pending_tokens = pending + 1
+                    batch.append(request)
                     in_batch.add(rid)
                     budget -= 1
                     continue
-                num_new = min(len(tokens) - computed, budget)
+                num_new = min(num_tokens - computed, budget)
                 if computed + num_new > num_blocks * block_size:
                     grown = self._grow(plan, request, num_new, in_batch)
                     memory_waiter = memory_waiter or grown == "wait"
@@ -295,6 +307,7 @@ class Scheduler:
                 continue
             if not admitted:  # swapping in asynchronously: it runs once the copy lands
                 continue
+            assert not (request.num_pending_tokens or request.num_inflight_tokens), f"{rid}: admitted mid-step"
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             self._add_chunk(plan, request, num_new, self.kv.block_ids(rid))
             in_batch.add(rid)
@@ -303,16 +316,28 @@ class Scheduler:
             self.cpu_store.release(owner)
         return plan
 
+    def _last_token_pending(self, request: Request, num_tokens: int) -> bool:
+        """The token a step in flight samples for ``request`` is its last by length (``max_tokens`` or
+        ``max_model_len``): it finishes when that token lands, so it is not scheduled again."""
+        return (num_tokens - request.num_prompt_tokens >= request.params.max_tokens
+                or (self.max_model_len is not None and num_tokens >= self.max_model_len))
+
+    def _finishing(self, request: Request) -> bool:
+        """A step in flight samples the request's last token: it frees its blocks when that lands, and
+        preempting it would only throw computed KV away."""
+        pending = request.num_pending_tokens
+        return bool(pending) and self._last_token_pending(request, len(request.token_ids) + pending)
+
     def _grow(self, plan: StepPlan, request: Request, num_new: int, in_batch: set[str]) -> str:
         """Blocks for a running request's next tokens. Preempts lower-ranked running requests outside the batch
         (cooldown ignored: the memory must come from somewhere), else the request itself. Returns "ok", "wait"
         (blocks that in-flight swap-outs will free are enough: it skips this step) or "preempted"."""
-        target = request.num_computed_tokens + num_new
+        target = request.num_computed_tokens + request.num_inflight_tokens + num_new
         while not self.kv.allocate_slots(request.request_id, target):
             if self._soon_free_blocks() >= self.kv.num_blocks_needed(request.request_id, target):
                 return "wait"
-            victim = next((v for v in self._running.reversed() if v is not request and v.request_id not in in_batch),
-                          None)
+            victim = next((v for v in self._running.reversed() if v is not request and v.request_id not in in_batch
+                           and not self._finishing(v)), None)
             self._preempt(plan, victim or request)
             if victim is None:
                 return "preempted"
@@ -414,7 +439,7 @@ class Scheduler:
                 return victims
             if self.policy.rank(victim) <= rank:
                 break  # everyone further up ranks above the request too
-            if (victim.request_id in in_batch
+            if (victim.request_id in in_batch or self._finishing(victim)
                     or self._step_id - victim.scheduled_in_step < self.config.preemption_cooldown_steps):
                 continue
             victims.append(victim)
@@ -437,9 +462,10 @@ class Scheduler:
         if self.config.preemption_mode == "swap":
             self.num_recompute_fallbacks += 1
         self.kv.free(request.request_id)
-        self.num_recomputed_tokens += request.num_computed_tokens
-        request.num_dropped_tokens = request.num_computed_tokens
-        request.num_computed_tokens = 0
+        dropped = request.num_computed_tokens + request.num_inflight_tokens
+        self.num_recomputed_tokens += dropped
+        request.num_dropped_tokens = dropped
+        request.num_computed_tokens = request.num_inflight_tokens = 0  # (a step in flight computes in vain)
         request.status = S.WAITING
 
     def _swap_out(self, plan: StepPlan, request: Request) -> bool:
@@ -447,7 +473,8 @@ class Scheduler:
         rid = request.request_id
         if self.cpu_store is None:
             return False
-        prepared = self.cpu_store.prepare_swap_out(rid, request.num_computed_tokens)
+        num_tokens = request.num_computed_tokens + request.num_inflight_tokens  # copied once steps in flight land
+        prepared = self.cpu_store.prepare_swap_out(rid, num_tokens)
         if prepared is None:
             return False
         writes, reused = prepared
@@ -457,7 +484,7 @@ class Scheduler:
         runs = paired_runs([gpu[i] for i, _ in writes], [h for _, h in writes])
         sync = self.swap.swap_mode == "sync" or not runs
         swap_id = next(self._swap_ids)
-        self._inflight[swap_id] = _InFlight("out", rid, request, request.num_computed_tokens, sync)
+        self._inflight[swap_id] = _InFlight("out", rid, request, num_tokens, sync)
         request.reclaim = False
         if not runs:  # the host copy is complete: nothing to move, the device blocks are free at once
             self._complete(SwapDone(swap_id, 0, 0, 0.0))
@@ -508,32 +535,46 @@ class Scheduler:
                 request.status = S.SWAPPED
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Apply a step's result: land completed swaps, advance computed tokens, append sampled ones, account
-        service. Returns the requests that received a token (stop checks are the caller's)."""
+        """Apply a step's result: land completed swaps, append sampled tokens, account service. Returns the
+        requests that received a token (stop checks are the caller's). Results are applied in step order; with
+        async scheduling the next plan is already out. A request that finished or was aborted while its step
+        ran gets nothing (its id may name a new request by now); one preempted by recompute since keeps 0
+        computed tokens but gets its sampled token."""
+        batch = self._batches.pop(plan.step_id, None)
+        if batch is None:
+            raise ValueError(f"step {plan.step_id} was not planned by this scheduler, or its result was applied")
         for done in result.swaps_done:
             self._complete(done)
-        requests, accounts = self.requests, self._accounts_service
-        for request_id, start, n in zip(plan.request_ids, plan.start_pos, plan.num_scheduled):
-            request = requests.get(request_id)
-            if request is None:
+        accounts = self._accounts_service
+        sampled_ids, tokens = result.request_ids, result.token_ids
+        k = 0
+        progressed = []
+        for request, start, n, sample in zip(batch, plan.start_pos, plan.num_scheduled, plan.sample_index):
+            if sample >= 0:
+                if k >= len(tokens) or sampled_ids[k] != request.request_id:
+                    raise RuntimeError(f"step {plan.step_id}: the result's sampled requests {sampled_ids} are "
+                                       f"not the plan's {plan.sampled_ids}")
+                token = tokens[k]
+                k += 1
+                request.num_pending_tokens -= 1
+            if request._status in FINISHED:  # aborted or stopped while its step ran: the token is dropped
                 continue
-            end = start + n
-            request.num_computed_tokens = end
+            if request.num_inflight_tokens >= n:  # (else a recompute preemption dropped this chunk's KV)
+                request.num_inflight_tokens -= n
+                request.num_computed_tokens = start + n
             if request.num_prompt_tokens_served < request.num_prompt_tokens:
                 # service counts prompt tokens the first time they are computed, never recomputation
-                new_prompt = max(0, min(end, request.num_prompt_tokens) - request.num_prompt_tokens_served)
+                new_prompt = max(0, min(start + n, request.num_prompt_tokens) - request.num_prompt_tokens_served)
                 request.num_prompt_tokens_served += new_prompt
                 if new_prompt and accounts:
                     self.policy.on_served(request, new_prompt, 0)
-        progressed = []
-        for request_id, token_id in zip(result.request_ids, result.token_ids):
-            request = requests.get(request_id)
-            if request is None:  # aborted while its step ran
-                continue
-            request.token_ids.append(token_id)
-            if accounts:
-                self.policy.on_served(request, 0, 1)
-            progressed.append(request)
+            if sample >= 0:
+                request.token_ids.append(token)
+                if accounts:
+                    self.policy.on_served(request, 0, 1)
+                progressed.append(request)
+        if k != len(tokens):
+            raise RuntimeError(f"step {plan.step_id}: {len(tokens)} sampled tokens for {k} sampling chunks")
         return progressed
 
     def _add_chunk(self, plan: StepPlan, request: Request, num_new: int, table: list[int]) -> None:
@@ -549,21 +590,25 @@ class Scheduler:
         kept = request.worker_table_len if request.worker_table is table else 0
         num_blocks = len(table)
         request.worker_table, request.worker_table_len = table, num_blocks
-        start = request.num_computed_tokens
+        start = request.num_computed_tokens + request.num_inflight_tokens
         end = start + num_new
         tokens = request.token_ids
         plan.request_ids.append(rid)
         plan.start_pos.append(start)
         plan.num_scheduled.append(num_new)
-        if num_new == 1:
-            plan.token_ids.append(tokens[start])
+        if num_new == 1:  # (the token a step in flight samples is only ever a chunk of its own)
+            plan.token_ids.append(tokens[start] if start < len(tokens) else PENDING_TOKEN)
         else:
             plan.token_ids += tokens[start:end]
-        plan.sample_index.append(end - len(request.prompt_token_ids) if end == len(tokens) else -1)
+        samples = end == len(tokens) + request.num_pending_tokens
+        plan.sample_index.append(end - request.num_prompt_tokens if samples else -1)
         plan.table_start.append(kept)
         plan.num_new_blocks.append(num_blocks - kept)
         if kept < num_blocks:
             plan.new_block_ids += table[kept:]
+        request.num_inflight_tokens += num_new
+        request.num_pending_tokens += samples
+        self._batch.append(request)
 
     # ---- introspection -----------------------------------------------------------------------------------
     def stats(self) -> dict[str, int | float]:
@@ -603,17 +648,20 @@ class Scheduler:
         for r in self.requests.values():
             rid = r.request_id
             on_device = self.kv.holds(rid)
+            computed = r.num_computed_tokens + r.num_inflight_tokens
+            assert min(r.num_pending_tokens, r.num_inflight_tokens) >= 0, r
+            assert computed <= r.num_tokens + r.num_pending_tokens, r
             copy = self.cpu_store.copy_of(rid) if self.cpu_store is not None else None
             if r.status is S.RUNNING:
-                assert on_device and len(self.kv.block_ids(rid)) >= blocks_for(r.num_computed_tokens, self.kv.block_size)
+                assert on_device and len(self.kv.block_ids(rid)) >= blocks_for(computed, self.kv.block_size)
             elif r.status in (S.SWAPPING_OUT, S.SWAPPING_IN):
                 assert on_device and copy is not None and copy.pins > 0 and rid in in_flight, f"{r}: copy not pinned"
             elif r.status is S.SWAPPED:
                 assert not on_device and copy is not None and copy.pins > 0, f"{r}: its only copy is not pinned"
                 if rid not in in_flight:  # (a sync swap-out's copy is valid once its step has run)
-                    assert copy.valid_tokens >= r.num_computed_tokens, f"{r}: host copy is incomplete"
+                    assert copy.valid_tokens >= computed, f"{r}: host copy is incomplete"
             else:
-                assert not on_device and r.num_computed_tokens == 0, f"{r} waits holding device blocks"
+                assert not on_device and computed == 0, f"{r} waits holding device blocks"
         seated = sum(1 for r in self.requests.values() if r.status in _SEATED)
         assert seated <= self.config.max_num_seqs, "more seated requests than max_num_seqs"
         counts = dict.fromkeys(S, 0)

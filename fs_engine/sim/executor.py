@@ -118,6 +118,7 @@ class SimExecutor:
         self._stats = dict.fromkeys(("sim_forward_s", "sim_stall_s", "sim_idle_s", "wall_frontend_s"), 0.0)
         self._stats["sim_steps"] = 0
         self._left_at: float | None = None
+        self.max_steps_in_flight = 1  # virtual time: a step is done when submit returns
 
     def _start_model_worker(self, config: EngineConfig, arch: ModelArch, max_model_len: int):
         """The real engine on this CPU (worker and copy threads), fed every plan so the tokens are real."""

@@ -6,8 +6,10 @@ about) so that a plan the real worker could not execute fails here too.
 
 from __future__ import annotations
 
+import copy
 import random
 import zlib
+from collections import deque
 from dataclasses import dataclass
 
 import pytest
@@ -21,7 +23,7 @@ from fs_engine.kv.kv_manager import KVCacheManager, blocks_for
 from fs_engine.request import Request, RequestStatus
 from fs_engine.sampling_params import SamplingParams
 from fs_engine.sched.scheduler import Scheduler
-from ipc.messages import ScheduledChunk, StepPlan, StepResult, SwapCommand, SwapDone
+from ipc.messages import PENDING_TOKEN, ScheduledChunk, StepPlan, StepResult, SwapCommand, SwapDone
 from workers.input_batch import InputBatch
 
 
@@ -1108,8 +1110,88 @@ def test_async_swap_preemption_admits_the_preemptor_once_the_copy_lands(swap_mod
     assert h.worker.blocks_swapped_out == h.worker.blocks_swapped_in == 4
 
 
+class PipelinedSwapHarness(SwapHarness):
+    """Async scheduling, as the multi-process engine runs it: step N+1 is planned before step N's result is
+    applied (a decode chunk names the token step N samples as ``PENDING_TOKEN``; the worker, which runs plans
+    in order, fills in what it sampled), a plan that copies KV runs alone (no step in flight when it goes out,
+    its result applied before the next plan), and results are applied in step order. Checked: the worker computes exactly each request's tokens and reads
+    only KV that is there (``KVFakeWorker``), no chunk races a copy, the scheduler's invariants and the KV
+    contents after every applied result, and (by the callers) every request's tokens and the total compute."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_flight: deque[tuple[StepPlan, StepResult]] = deque()
+        self.last_sampled: dict[str, int] = {}  # the worker's: what PENDING_TOKEN stands for
+        self.plans_with_pending = 0
+
+    def step(self) -> StepPlan:
+        plan = self.sched.schedule()
+        self.kv.check_invariants()
+        if not (plan.request_ids or plan.finished_ids or plan.new_requests or plan.swaps) and self.in_flight:
+            self.sched.update(plan, StepResult(step_id=plan.step_id))  # nothing new: as the engine retires it
+            self._apply_oldest()
+            return plan
+        self.check_plan_tokens(plan)
+        while plan.swaps and self.in_flight:  # rule 1: copies go out with no step running
+            # (checked once this plan has run: a sync swap-out it makes is SWAPPED before its copy)
+            self._apply_oldest(check=False)
+        self.plans.append(plan)
+        self.in_flight.append((plan, self._execute(plan)))
+        if len(self.in_flight) == 2 or plan.swaps:  # a plan that copies runs alone: its result before the next
+            self._apply_oldest()
+        return plan
+
+    def check_plan_tokens(self, plan: StepPlan) -> None:
+        ids = plan.request_ids
+        assert len(ids) == len(set(ids)) and len(ids) <= self.config.max_num_seqs
+        assert plan.num_tokens <= self.config.max_num_batched_tokens
+        for chunk in plan.chunks:
+            request = self.sched.requests[chunk.request_id]
+            assert request.status is S.RUNNING
+            end = chunk.start_pos + len(chunk.token_ids)
+            assert end == request.num_computed_tokens + request.num_inflight_tokens
+            assert len(self.kv.block_ids(chunk.request_id)) >= blocks_for(end, self.kv.block_size)
+            if PENDING_TOKEN in chunk.token_ids:  # only a decode of the token the step in flight samples
+                assert chunk.token_ids == [PENDING_TOKEN] and chunk.start_pos == request.num_tokens
+
+    def _execute(self, plan: StepPlan) -> StepResult:
+        tokens = list(plan.token_ids)
+        if PENDING_TOKEN in tokens:
+            self.plans_with_pending += 1
+            offset = 0
+            for rid, n in zip(plan.request_ids, plan.num_scheduled):
+                tokens[offset : offset + n] = [self.last_sampled[rid] if t == PENDING_TOKEN else t
+                                               for t in tokens[offset : offset + n]]
+                offset += n
+            plan = copy.copy(plan)
+            plan.token_ids = tokens
+        result = self.worker.execute(plan)
+        self.last_sampled.update(zip(result.request_ids, result.token_ids))
+        return result
+
+    def _apply_oldest(self, check: bool = True) -> None:
+        plan, result = self.in_flight.popleft()
+        for request in self.sched.update(plan, result):
+            if request.num_output_tokens >= self.max_tokens[request.request_id]:
+                self.sched.finish(request, RequestStatus.FINISHED_LENGTH)
+                self.done[request.request_id] = request
+        if check:
+            self.sched.check_invariants()
+            self.check_kv_contents()
+
+    def run(self, max_steps: int = 10_000) -> None:
+        for _ in range(max_steps):
+            if not (self.sched.has_unfinished() or self.in_flight):
+                self.step()  # deliver the last finished_ids
+                while self.in_flight:
+                    self._apply_oldest()
+                return
+            self.step()
+        raise AssertionError(f"requests still unfinished after {max_steps} steps: {self.sched.stats()}")
+
+
 def run_priority_flips(seed: int, mode: str, num_cpu_blocks: int | str | None, max_num_seqs: int = 6,
-                       swap_mode: str = "sync", enable_kv_reuse: bool = False) -> SwapHarness:
+                       swap_mode: str = "sync", enable_kv_reuse: bool = False, pipelined: bool = False) -> SwapHarness:
     """Random requests, arrivals and priority changes every third step on tight device memory; odd seeds use
     the one-block allocator, so swaps move many short runs. ``num_cpu_blocks="plenty"``: every victim fits.
     Asynchronous copies land at random points up to 3 steps later."""
@@ -1121,7 +1203,8 @@ def run_priority_flips(seed: int, mode: str, num_cpu_blocks: int | str | None, m
     num_blocks = blocks_for(max_len, block_size) + rng.randint(0, 3)  # tight: preemptions are certain
     if num_cpu_blocks == "plenty":
         num_cpu_blocks = 4 * num_blocks
-    h = SwapHarness(num_blocks, block_size, num_cpu_blocks, max_num_seqs=max_num_seqs,
+    harness = PipelinedSwapHarness if pipelined else SwapHarness
+    h = harness(num_blocks, block_size, num_cpu_blocks, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=rng.randint(4, 40), policy="priority", preemption_mode=mode,
                     cooldown=rng.choice([0, 1, 3]), allocator="block" if seed % 2 else "group",
                     swap_mode=swap_mode, enable_kv_reuse=enable_kv_reuse, adaptive_min_batch=rng.randint(1, 4),
@@ -1146,6 +1229,23 @@ def run_priority_flips(seed: int, mode: str, num_cpu_blocks: int | str | None, m
 
 
 SWAP_MODES = ["sync", "async", "adaptive"]
+
+
+@pytest.mark.parametrize("mode,enable_kv_reuse", [("swap", False), ("swap", True), ("recompute", False)])
+@pytest.mark.parametrize("swap_mode", SWAP_MODES)
+def test_async_scheduling_random_priority_flips(swap_mode, mode, enable_kv_reuse):
+    """Planning step N+1 before step N's tokens are known changes no request's tokens, under preemption by
+    swap or recompute, every swap mode and KV reuse (the same workloads as the sequential tests above)."""
+    pipelined = preempted = 0
+    for seed in range(8):
+        h = run_priority_flips(seed, mode, num_cpu_blocks="plenty", swap_mode=swap_mode,
+                               enable_kv_reuse=enable_kv_reuse, pipelined=True)
+        for rid, request in h.done.items():
+            assert request.token_ids == h.worker.tokens_of(rid, request.num_tokens)
+            assert request.num_output_tokens == h.max_tokens[rid]
+        pipelined += h.plans_with_pending
+        preempted += h.sched.num_preemptions
+    assert pipelined > 0 and preempted > 0
 
 
 @pytest.mark.parametrize("swap_mode", SWAP_MODES)
