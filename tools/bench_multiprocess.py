@@ -1,9 +1,10 @@
 """Per-step overhead of the multi-process engine against the in-process one, side by side.
 
 The same requests (random prompts, greedy, exactly ``--max-tokens`` new tokens each) run through
-``LLMEngine(multiprocess=False)`` (model in this process) and ``LLMEngine(multiprocess=True)`` (a worker
-process and a swap process over ZeroMQ), interleaved over ``--repeats`` rounds, at each batch size in
-``--batches``. Printed: milliseconds per step, tokens/s and their ratio; the difference in ms per step is what
+``LLMEngine(multiprocess=False)`` (model in this process), ``LLMEngine(multiprocess=True)`` (a worker
+process and a swap process over ZeroMQ, with async scheduling: the next plan waits in the worker's socket
+while a step computes) and the same with ``async_scheduling=False`` (``mp-sync-sched``: each plan made once
+the previous result is back), interleaved over ``--repeats`` rounds, at each batch size in ``--batches``. Printed: milliseconds per step, tokens/s and their ratio; the difference in ms per step is what
 the process boundary costs (plan and result messages, a context switch each way); ``idle``: the share of
 the wall time the worker sat waiting for its next plan (``stats()["worker_idle_s"]``). With ``--served`` the same
 requests also go through ``fs-engine launch`` and the client SDK (one client, every request streaming), which
@@ -116,7 +117,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or str(make_tiny_model(args.arch, Path(tmp) / "model", preset=args.preset))
         engines = {"in-process": LLMEngine(model_dir, dtype=args.dtype),
-                   "multi-process": LLMEngine(model_dir, dtype=args.dtype, multiprocess=True)}
+                   "multi-process": LLMEngine(model_dir, dtype=args.dtype, multiprocess=True),
+                   # the same without async scheduling: each plan made only once the previous result is back
+                   "mp-sync-sched": LLMEngine(model_dir, dtype=args.dtype, multiprocess=True,
+                                              async_scheduling=False)}
         served = Served(model_dir, args.dtype) if args.served else None
         try:
             vocab = engines["in-process"].arch.vocab_size
@@ -143,6 +147,7 @@ def main() -> None:
                 base, mp = row["in-process"], row["multi-process"]
                 row["overhead_ms_per_step"] = round(mp["ms_per_step"] - base["ms_per_step"], 3)
                 row["tokens_per_s_ratio"] = round(mp["tokens_per_s"] / base["tokens_per_s"], 3)
+                row["sync_sched_tokens_per_s_ratio"] = round(row["mp-sync-sched"]["tokens_per_s"] / base["tokens_per_s"], 3)
                 if served:
                     row["served_tokens_per_s_ratio"] = round(row["served"]["tokens_per_s"] / base["tokens_per_s"], 3)
                 rows.append(row)
@@ -157,13 +162,14 @@ def main() -> None:
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "repeats": args.repeats, "rows": rows}
     print(f"{result['model']} on {device}, {args.dtype}: prompts of {args.prompt_len} tokens, {args.max_tokens} new "
           f"tokens each, median of {args.repeats}")
-    modes = [m for m in ("in-process", "multi-process", "served") if m in rows[0]]
+    modes = [m for m in ("in-process", "multi-process", "mp-sync-sched", "served") if m in rows[0]]
     print(f"  {'batch':>5}  " + "  ".join(f"{m + ' ms/step':>22} {'tok/s':>8} {'idle':>5}" for m in modes)
-          + f"  {'overhead':>9}  {'mp/in':>6}" + ("  served/in" if served else "") + "  identical")
+          + f"  {'overhead':>9}  {'mp/in':>6}  {'mp-sync/in':>10}" + ("  served/in" if served else "") + "  identical")
     for row in rows:
         cells = "  ".join(f"{row[m]['ms_per_step']:22.2f} {row[m]['tokens_per_s']:8.1f} "
                           f"{row[m]['worker_idle_fraction']:5.0%}" for m in modes)
-        line = f"  {row['batch']:5d}  {cells}  {row['overhead_ms_per_step']:8.2f}ms  {row['tokens_per_s_ratio']:5.2f}x"
+        line = (f"  {row['batch']:5d}  {cells}  {row['overhead_ms_per_step']:8.2f}ms  {row['tokens_per_s_ratio']:5.2f}x"
+                f"  {row['sync_sched_tokens_per_s_ratio']:9.2f}x")
         if served:
             line += f"  {row['served_tokens_per_s_ratio']:8.2f}x"
         print(line + f"  {row['identical_outputs']}")

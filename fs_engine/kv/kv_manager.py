@@ -71,19 +71,24 @@ class KVCacheManager:
     def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
         """Make ``request_id`` hold blocks for its first ``num_tokens`` tokens; False (no change) if they do not
         fit. New blocks extend the table's last run in place when the allocator can."""
-        need = self.num_blocks_needed(request_id, num_tokens)
         table = self._tables.get(request_id)
-        if need == 0:
-            self._tables.setdefault(request_id, [])
+        need = blocks_for(num_tokens, self.block_size) - (len(table) if table else 0)
+        if need <= 0:
+            if table is None:
+                self._tables[request_id] = []
             return True
-        if self.allocator is None or need > self.num_free_blocks:
+        allocator = self.allocator
+        if allocator is None or need > allocator.num_free_blocks + self._num_evictable_blocks:
             return False
-        while self.num_unused_blocks < need:
+        while allocator.num_free_blocks < need:
             self._evict(next(iter(self._evictable)))
-        new = self.allocator.allocate(need, after=table[-1] if table else None)
+        new = allocator.allocate(need, after=table[-1] if table else None)
         if new is None:
             return False
-        self._tables.setdefault(request_id, []).extend(new)
+        if table is None:
+            self._tables[request_id] = new
+        else:
+            table += new
         return True
 
     def free(self, request_id: str) -> list[int]:

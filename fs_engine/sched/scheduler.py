@@ -432,6 +432,8 @@ class Scheduler:
         of them would not do, so that nobody is preempted for nothing."""
         free_blocks = self.kv.num_free_blocks + self._soon_free_blocks()
         seats = self.config.max_num_seqs - self._num_seated
+        if free_blocks >= need_blocks and seats > 0:
+            return []
         rank = self.policy.rank(request)
         victims: list[Request] = []
         for victim in self._running.reversed():  # lowest-ranked first
@@ -543,17 +545,17 @@ class Scheduler:
         batch = self._batches.pop(plan.step_id, None)
         if batch is None:
             raise ValueError(f"step {plan.step_id} was not planned by this scheduler, or its result was applied")
+        tokens = result.token_ids  # one per sampling chunk, in batch order
+        if result.request_ids != plan.sampled_ids or len(tokens) != len(result.request_ids):
+            raise RuntimeError(f"step {plan.step_id}: the result samples {result.request_ids} "
+                               f"({len(tokens)} tokens), the plan {plan.sampled_ids}")
         for done in result.swaps_done:
             self._complete(done)
         accounts = self._accounts_service
-        sampled_ids, tokens = result.request_ids, result.token_ids
         k = 0
         progressed = []
         for request, start, n, sample in zip(batch, plan.start_pos, plan.num_scheduled, plan.sample_index):
             if sample >= 0:
-                if k >= len(tokens) or sampled_ids[k] != request.request_id:
-                    raise RuntimeError(f"step {plan.step_id}: the result's sampled requests {sampled_ids} are "
-                                       f"not the plan's {plan.sampled_ids}")
                 token = tokens[k]
                 k += 1
                 request.num_pending_tokens -= 1
@@ -573,8 +575,6 @@ class Scheduler:
                 if accounts:
                     self.policy.on_served(request, 0, 1)
                 progressed.append(request)
-        if k != len(tokens):
-            raise RuntimeError(f"step {plan.step_id}: {len(tokens)} sampled tokens for {k} sampling chunks")
         return progressed
 
     def _add_chunk(self, plan: StepPlan, request: Request, num_new: int, table: list[int]) -> None:

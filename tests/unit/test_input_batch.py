@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ipc.codec import decode, encode
-from ipc.messages import ScheduledChunk, StepPlan
+from ipc.messages import PENDING_TOKEN, ScheduledChunk, StepPlan
 from workers.input_batch import InputBatch
 
 BS = 4
@@ -84,3 +84,21 @@ def test_a_finished_id_frees_its_row_for_a_new_request_of_the_same_id():
     batch.prepare(StepPlan(1, [ScheduledChunk("a", [1], 0, [3, 4], True)]))
     batch.prepare(StepPlan(2, [ScheduledChunk("a", [9], 0, [7], True)], finished_ids=["a"]))
     assert batch.table("a") == [7] and batch.tables.shape[0] == 1
+
+
+def test_a_pending_token_is_the_one_the_row_sampled_last():
+    """Async scheduling: a plan made before the previous step's result names that step's sampled token as
+    PENDING_TOKEN; the worker puts in what it sampled for the request (and refuses a row that sampled none)."""
+    batch = InputBatch(BS, 16, torch.device("cpu"), num_rows=2)
+    first = StepPlan(1, [ScheduledChunk("a", [5, 6, 7], 0, [3], sample=True, sample_index=0),
+                         ScheduledChunk("b", [8, 9], 0, [4], sample=True, sample_index=0)])
+    inputs = batch.prepare(first)
+    batch.record_sampled(inputs.sampled_table_rows, [41, 42])
+    second = StepPlan(2, [ScheduledChunk("b", [PENDING_TOKEN], 2, [], sample=True, sample_index=1, table_start=1),
+                          ScheduledChunk("a", [PENDING_TOKEN], 3, [], sample=True, sample_index=1, table_start=1)])
+    received = decode(encode(second))  # -1 survives the int32 wire format
+    assert batch.prepare(received).token_ids.tolist() == [42, 41]
+    batch.forget(["a"])
+    third = StepPlan(3, [ScheduledChunk("a", [PENDING_TOKEN], 0, [5], sample=True, sample_index=0)])
+    with pytest.raises(ValueError, match="sampled none"):
+        batch.prepare(third)

@@ -318,6 +318,21 @@ def test_finished_ids_report_each_request_the_worker_saw_exactly_once():
     h.check_all_done()
 
 
+def test_a_result_that_does_not_match_its_plan_is_refused_whole():
+    h = Harness(num_blocks=8, block_size=4)
+    a = h.add("a", prompt_len=5, max_tokens=4)
+    h.add("b", prompt_len=5, max_tokens=4)
+    h.step()
+    plan = h.sched.schedule()
+    result = h.worker.execute(plan)
+    swapped = StepResult(step_id=plan.step_id, request_ids=result.request_ids[::-1], token_ids=result.token_ids)
+    with pytest.raises(RuntimeError, match="the result samples"):
+        h.sched.update(plan, swapped)
+    assert a.num_output_tokens == 1 and a.num_pending_tokens == 1  # nothing of it was applied
+    with pytest.raises(ValueError, match="was not planned"):  # the plan is spent: a wrong answer is a bug, not a retry
+        h.sched.update(plan, result)
+
+
 def test_abort_during_a_step_drops_its_result_and_frees_its_blocks():
     h = Harness(num_blocks=8, block_size=4)
     a = h.add("a", prompt_len=5, max_tokens=4)
