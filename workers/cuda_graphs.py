@@ -83,23 +83,27 @@ class DecodeGraphs:
             self.graphs[batch_size] = graph
         torch.cuda.synchronize()
 
-    def can_run(self, meta: AttentionMetadata) -> bool:
-        return (meta.decode_only and meta.num_seqs <= self.batch_sizes[-1]
-                and meta.block_tables.shape[1] <= self.max_blocks_per_seq)
+    def can_run_plan(self, plan) -> bool:
+        """Whether a plan is a decode step a graph can replay, from the plan alone (its inputs are built for
+        the graphs): one token per chunk, few enough chunks. Block tables never outgrow
+        ``max_blocks_per_seq``: both come from ``max_model_len``."""
+        n = len(plan.request_ids)
+        return 0 < n <= self.batch_sizes[-1] and len(plan.token_ids) == n
 
     def run(self, token_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [n, hidden] of a decode step of n <= max_batch_size rows, by graph replay."""
+        """Hidden states [n, hidden] of a decode step of n <= max_batch_size rows, by graph replay. The inputs
+        may be on the host (pinned: the copies into the static buffers are asynchronous) or on the device."""
         n = meta.num_seqs
         batch_size = next(b for b in self.batch_sizes if b >= n)
         width = meta.block_tables.shape[1]
-        self.token_ids[:n].copy_(token_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.token_ids[:n].copy_(token_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
         self.slot_mapping[n:batch_size].fill_(-1)  # padding rows store nothing
-        self.seq_lens[:n].copy_(meta.seq_lens)
+        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
         self.seq_lens[n:batch_size].fill_(1)
         # columns past ``width`` keep stale block ids: a request reads only its first cdiv(seq_len, block_size)
-        self.block_tables[:n, :width].copy_(meta.block_tables)
+        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
         self.block_tables[n:batch_size, 0].fill_(0)
         self.graphs[batch_size].replay()
         return self.outputs[batch_size][:n]

@@ -84,7 +84,11 @@ class InputBatch:
     def update(self, plan: StepPlan) -> torch.Tensor:
         """Apply the plan's finished ids and table diffs; returns the rows of its chunks, in batch order."""
         self.forget(plan.finished_ids)
-        rows = _ints([self._row(r) for r in plan.request_ids])
+        known = self.rows.get
+        ids = [known(r, -1) for r in plan.request_ids]
+        if -1 in ids:  # new requests: give them rows
+            ids = [self._row(r) for r in plan.request_ids]
+        rows = _ints(ids)
         starts = _ints(plan.table_start)
         if bool((starts > self.table_lens[rows]).any()):
             bad = [r for r, s in zip(plan.request_ids, plan.table_start) if s > len(self.table(r))]
@@ -105,44 +109,61 @@ class InputBatch:
         return rows
 
     # ---- one step's inputs -------------------------------------------------------------------------------
-    def inputs(self, plan: StepPlan, rows: torch.Tensor) -> StepInputs:
+    def _ship(self, t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A host tensor to ``device``. A CUDA worker stages it in pinned memory (torch's caching host
+        allocator), so the copy is asynchronous, and ``device=cpu`` leaves it there for the caller to copy."""
+        if dtype is not None:
+            t = t.to(dtype)
+        if not self._pin:
+            return t
+        t = t.pin_memory()
+        return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+    def inputs(self, plan: StepPlan, rows: torch.Tensor, device: torch.device | None = None) -> StepInputs:
+        """The step's model inputs on ``device`` (default: the worker's). ``device=cpu`` keeps the token ids,
+        positions and attention metadata on the host (pinned on a CUDA worker) for a consumer that copies them
+        into buffers of its own: CUDA-graph decode copies them straight into the graph's static inputs."""
         bs = self.block_size
         n = len(plan.request_ids)
         query_lens = _ints(plan.num_scheduled)
         starts = _ints(plan.start_pos)
         seq_lens = starts + query_lens
-        query_start = torch.zeros(n + 1, dtype=torch.int64)
-        torch.cumsum(query_lens, 0, out=query_start[1:])
         num_tokens = len(plan.token_ids)
-        seq_of_token = torch.repeat_interleave(torch.arange(n), query_lens)
-        positions = torch.arange(num_tokens) + (starts - query_start[:-1])[seq_of_token]
+        if num_tokens == n:  # a decode step: one token per request, at its start position
+            query_start = torch.arange(n + 1)
+            seq_of_token, positions = query_start[:-1], starts
+        else:
+            query_start = torch.zeros(n + 1, dtype=torch.int64)
+            torch.cumsum(query_lens, 0, out=query_start[1:])
+            seq_of_token = torch.repeat_interleave(torch.arange(n), query_lens)
+            positions = torch.arange(num_tokens) + (starts - query_start[:-1])[seq_of_token]
         max_seq_len = int(seq_lens.max())
         block_tables = self.tables.index_select(0, rows)[:, : -(-max_seq_len // bs)]
         slots = block_tables[seq_of_token, positions // bs].to(torch.int64) * bs + positions % bs
         samples = _ints(plan.sample_index) >= 0
         sample_rows = (query_start[1:] - 1)[samples]
-        dev = self.device
+        dev = self.device if device is None else device
         meta = AttentionMetadata(
-            slot_mapping=slots.to(dev, non_blocking=True),
-            query_start_loc=query_start.to(dev, torch.int32, non_blocking=True),
-            seq_lens=seq_lens.to(dev, torch.int32, non_blocking=True),
-            block_tables=block_tables.to(dev, non_blocking=True),
+            slot_mapping=self._ship(slots, dev),
+            query_start_loc=self._ship(query_start, dev, torch.int32),
+            seq_lens=self._ship(seq_lens, dev, torch.int32),
+            block_tables=self._ship(block_tables, dev),
             query_lens_host=plan.num_scheduled,
             seq_lens_host=seq_lens.tolist(),
             max_query_len=max(plan.num_scheduled),
             max_seq_len=max_seq_len,
         )
         token_ids = _ints(plan.token_ids)
-        pending = token_ids == PENDING_TOKEN
-        if bool(pending.any()):  # tokens sampled by the step before this plan's (async scheduling)
+        if PENDING_TOKEN in plan.token_ids:  # tokens sampled by the step before this plan's (async scheduling)
+            pending = token_ids == PENDING_TOKEN
             pending_rows = rows[seq_of_token[pending]]
             filled = self.last_token[pending_rows]
             if bool((filled == PENDING_TOKEN).any()):
                 bad = sorted({plan.request_ids[i] for i in seq_of_token[pending][filled == PENDING_TOKEN].tolist()})
                 raise ValueError(f"plan {plan.step_id} asks for the last sampled token of {bad}, which sampled none")
             token_ids[pending] = filled
-        return StepInputs(token_ids.to(dev, non_blocking=True), positions.to(dev, non_blocking=True), meta,
-                          sample_rows.to(dev, non_blocking=True), rows[samples])
+        return StepInputs(self._ship(token_ids, dev), self._ship(positions, dev), meta,
+                          self._ship(sample_rows, self.device), rows[samples])
 
     def record_sampled(self, table_rows: torch.Tensor, token_ids: list[int]) -> None:
         """The tokens a step sampled, by row (``StepInputs.sampled_table_rows``): what a later plan's
@@ -150,7 +171,7 @@ class InputBatch:
         if token_ids:
             self.last_token[table_rows] = _ints(token_ids)
 
-    def prepare(self, plan: StepPlan) -> StepInputs | None:
+    def prepare(self, plan: StepPlan, device: torch.device | None = None) -> StepInputs | None:
         """``update`` then ``inputs``; None for a plan that computes nothing."""
         rows = self.update(plan)
-        return self.inputs(plan, rows) if plan.request_ids else None
+        return self.inputs(plan, rows, device) if plan.request_ids else None

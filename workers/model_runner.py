@@ -111,10 +111,13 @@ class ModelRunner:
             raise RuntimeError("workers do not copy KV: the engine's swap executor runs a plan's swaps")
         result = StepResult(step_id=plan.step_id)
         result.idle_s = 0.0 if self._returned_at is None else start - self._returned_at
-        inputs = self.batch.prepare(plan)
+        # a decode step the graphs can replay: its inputs stay on the host (pinned) and are copied straight into
+        # the graphs' static buffers, one copy each
+        graphed = self.graphs is not None and self.graphs.can_run_plan(plan)
+        inputs = self.batch.prepare(plan, torch.device("cpu") if graphed else None)
         if inputs is not None:
             meta = inputs.meta
-            if self.graphs is not None and self.graphs.can_run(meta):
+            if graphed:
                 hidden = self.graphs.run(inputs.token_ids, inputs.positions, meta)
             else:
                 hidden = self.model(inputs.token_ids, inputs.positions, ForwardContext(self.attn, meta))
