@@ -20,8 +20,10 @@ The safety rules of the design, as enforced here:
 
 1. Copies are ordered after the device work that last wrote or read their blocks: a worker returns a step's
    result only once its device work has completed (``ModelRunner.execute`` waits on its stream, also when
-   the step sampled nothing), and plans, with their copies, are built after the previous result. A forward
-   reads swapped-in KV only after the copy is done: waited in its step, or reported in a later result.
+   the step sampled nothing), and a plan's copies are issued only once every earlier step's result is in.
+   With async scheduling (``LLMEngine``) a plan may be made while the previous step runs; one that copies KV
+   then waits for it, and runs alone (its result is applied before the next plan is made). A forward reads
+   swapped-in KV only after the copy is done: waited in its step, or reported in a later result.
 2. Device blocks of an in-flight swap-out stay owned until its completion arrives (``_soon_free_blocks``
    counts them for admission, nobody can allocate them).
 3. A request with an in-flight swap-in is ``SWAPPING_IN`` and not scheduled; in sync mode the step waits.
@@ -31,7 +33,10 @@ The safety rules of the design, as enforced here:
 6. A request that regains its rank while swapping out is reclaimed: the swap-out completes (its host copy
    stays as a valid cache) and the request runs on from its still-owned device blocks.
 
-The scheduler never touches tensors; the plan it returns is executed by the workers.
+The scheduler never touches tensors; the plan it returns is executed by the workers. Planning a chunk
+advances the request's ``num_inflight_tokens`` (and ``num_pending_tokens`` if it samples); ``update``
+moves them into ``num_computed_tokens`` and ``token_ids``. Without async scheduling both are 0 whenever a
+plan is made.
 
 Its per-step cost follows the batch, not the number of live requests: requests stay ranked in a
 ``RankedQueue`` updated on arrival, priority change, status change and finish (never re-sorted), the
