@@ -205,12 +205,28 @@ class DeviceConfig:
         check_value(self.max_graph_batch_size >= 1, "max_graph_batch_size", self.max_graph_batch_size, "must be >= 1")
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = _help(
+        "ranks the model is sharded over (one worker process each; heads, MLP and vocabulary split, KV heads "
+        "split or replicated); above 1 the engine runs multi-process", default=1)
+    master_addr: str = _help("torch.distributed rendezvous host of the ranks (rank 0's machine)",
+                             default="127.0.0.1")
+    master_port: int = _help("torch.distributed rendezvous port; 0 picks a free one (one machine only)", default=0)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_value(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "must be >= 1")
+        check_value(0 <= self.master_port < 65536, "master_port", self.master_port, "must be in [0, 65535]")
+
+
 AREAS = {
     "model": ModelConfig,
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,
     "swap": SwapConfig,
     "device": DeviceConfig,
+    "parallel": ParallelConfig,
 }
 
 
@@ -221,6 +237,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     swap: SwapConfig = SwapConfig()
     device: DeviceConfig = DeviceConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
     @staticmethod
     def field_names() -> dict[str, str]:

@@ -22,10 +22,12 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 class LLM:
-    """Runs an ``LLMEngine`` in this process. ``model=None`` uses the embedded tiny default model."""
+    """Runs an ``LLMEngine`` in this process (with ``tensor_parallel_size`` above 1, its workers in one
+    process per rank). ``model=None`` uses the embedded tiny default model."""
 
     def __init__(self, model: str | Path | None = None, **engine_args: Any) -> None:
-        self.engine = LLMEngine(model, **engine_args)
+        multiprocess = engine_args.get("tensor_parallel_size", 1) != 1
+        self.engine = LLMEngine(model, multiprocess=multiprocess, **engine_args)
         self._ids = itertools.count()
 
     @property

@@ -52,9 +52,13 @@ class Pusher(_Channel):
         """Send; with a timeout, give up (False) if no peer takes it in time. A PUSH socket with no
         connected peer (it died) blocks forever on a plain send: callers that can outlive a peer pass a
         timeout and check the peer's health between tries."""
+        return self.send_frame(encode(msg), timeout_s)
+
+    def send_frame(self, frame: bytes, timeout_s: float | None = None) -> bool:
+        """``send`` of a message encoded already (one encoding sent to several peers)."""
         if timeout_s is not None and not self.socket.poll(int(timeout_s * 1000), zmq.POLLOUT):
             return False
-        self.socket.send(encode(msg), copy=False)
+        self.socket.send(frame, copy=False)
         return True
 
 

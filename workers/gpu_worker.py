@@ -51,6 +51,8 @@ class Worker:
         self.max_model_len = max_model_len
         self.device = resolve_device(config.device.device)
         if self.device.type == "cuda":
+            if self.device.index is None and tp.size > 1:  # one device per rank (this machine's ranks)
+                self.device = torch.device("cuda", tp.rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device.index or 0)
         self.dtype_name = resolve_dtype(config.model.dtype, self.device)
         self.tp = tp
@@ -83,6 +85,8 @@ class Worker:
         max_useful = self.config.scheduler.max_num_seqs * per_seq
         self.num_blocks = num_kv_blocks(self.config.cache, self.layout, self.device, max_useful)
         self.num_host_blocks = num_host_blocks(self.config.cache, self.layout, max_useful)
+        if self.tp.size > 1:  # the frontend manages one block space for every rank: the smallest rank's
+            self.num_blocks, self.num_host_blocks = self.tp.all_reduce_min([self.num_blocks, self.num_host_blocks])
         self.shared_path = f"{self.shared_dir}/kv-rank{self.tp.rank}.bin" if self.shared_dir else None
         self.runner.init_kv_cache(self.layout, self.num_blocks, self.shared_path)
         return self.num_blocks, self.num_host_blocks

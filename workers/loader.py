@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fs_engine.model_config import ModelArch
+from workers.checkpoint_slice import CheckpointSlice
 from workers.models import build_model
 from workers.parallel import SINGLE, TPContext
 
@@ -30,14 +31,15 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time so a large checkpoint is never held in memory twice."""
+def iter_weights(model_dir: str | Path, sliced: bool = False) -> Iterator[tuple[str, torch.Tensor | CheckpointSlice]]:
+    """Yield (name, tensor) one at a time so a large checkpoint is never held in memory twice; ``sliced``
+    yields ``CheckpointSlice``s, read only as far as the weight loaders narrow them."""
     from safetensors import safe_open
 
     for path in checkpoint_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, CheckpointSlice(f.get_slice(name)) if sliced else f.get_tensor(name)
 
 
 DUMMY_STD = 0.02  # the usual initializer_range of real checkpoints: activations stay finite at any depth
@@ -57,7 +59,7 @@ def load_model(
     if load_format == "dummy":
         init_dummy_weights(model, seed + tp.rank)
     else:
-        model.load_weights(iter_weights(model_dir))
+        model.load_weights(iter_weights(model_dir, sliced=tp.size > 1))
     return model.eval()
 
 

@@ -26,6 +26,15 @@ class TPContext:
             dist.all_reduce(x)
         return x
 
+    def all_reduce_min(self, values: list[int]) -> list[int]:
+        """Element-wise minimum of small integers over the ranks (start-up agreement, e.g. arena sizes)."""
+        if self.size == 1:
+            return values
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(values, dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t.tolist()
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x

@@ -9,6 +9,7 @@ process and nothing in /dev/shm.
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import os
 import shutil
@@ -28,6 +29,7 @@ from ipc.messages import (
 )
 
 IDLE_POLL_S = 1.0  # how often an idle child checks that the frontend is still alive
+RENDEZVOUS_TIMEOUT_S = 600  # ranks joining the group (and any collective) give up after this long
 
 
 def _frontend_alive() -> bool:
@@ -49,6 +51,24 @@ def _send(channel: Pusher, msg: Any, run_dir: str) -> None:
             os._exit(0)
 
 
+def _join_ranks(config: Any, rank: int, init_method: str):
+    """This rank's place in the tensor-parallel group (torch.distributed: NCCL on GPU, gloo on CPU)."""
+    from workers.parallel import SINGLE, TPContext
+
+    size = config.parallel.tensor_parallel_size
+    if size == 1:
+        return SINGLE
+    import torch
+    import torch.distributed as dist
+
+    cuda = config.device.device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+    return TPContext(rank, size)
+
+
 def run_worker(config: Any, arch: Any, max_model_len: int, rank: int, run_dir: str, addresses: dict) -> None:
     import zmq
 
@@ -57,7 +77,8 @@ def run_worker(config: Any, arch: Any, max_model_len: int, rank: int, run_dir: s
     try:
         from workers.gpu_worker import Worker
 
-        worker = Worker(config, arch, max_model_len, shared_dir=run_dir)
+        tp = _join_ranks(config, rank, addresses["dist"])
+        worker = Worker(config, arch, max_model_len, tp=tp, shared_dir=run_dir)
         num_blocks, num_host_blocks = worker.init_kv_cache()
         plans = Puller(ctx, addresses[f"plans-{rank}"], bind=False)
         _send(results, WorkerReady(rank, os.getpid(), num_blocks, num_host_blocks, str(worker.device),

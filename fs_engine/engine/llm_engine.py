@@ -73,12 +73,39 @@ def resolve_max_model_len(config: EngineConfig, arch: ModelArch) -> int:
 
 
 def _make_executor(config: EngineConfig, arch: ModelArch, max_model_len: int, multiprocess: bool):
+    tp = config.parallel.tensor_parallel_size
     if is_simulated(config.device.device):
         if multiprocess:
             raise ValueError("a simulated device runs in this process; drop multiprocess=True (or the device=sim:...)")
+        if tp > 1:
+            raise ValueError(f"tensor_parallel_size={tp} is not simulated yet: run a simulated device at 1")
         return SimExecutor(config, arch, max_model_len)
+    if tp > 1:
+        check_tensor_parallel(arch, tp, config.device.device)
+        if not multiprocess:
+            raise ValueError(f"tensor_parallel_size={tp} runs one worker process per rank: pass "
+                             "multiprocess=True (LLM and fs-engine launch do)")
     executor_cls = MultiprocExecutor if multiprocess else InProcessExecutor
     return executor_cls(config, arch, max_model_len)
+
+
+def check_tensor_parallel(arch: ModelArch, tp: int, device: str) -> None:
+    """The start-up checks of a sharded model, before any process starts, with what to change."""
+    import torch
+
+    for what, total in (("num_attention_heads", arch.num_heads), ("intermediate_size", arch.intermediate_size)):
+        if total % tp:
+            raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {what}={total}: "
+                             f"choose a divisor of {total}")
+    if arch.num_kv_heads >= tp and arch.num_kv_heads % tp:
+        raise ValueError(f"tensor_parallel_size={tp} does not divide num_key_value_heads={arch.num_kv_heads} "
+                         f"(fewer KV heads than ranks are replicated, more must split evenly)")
+    if tp > arch.num_kv_heads and tp % arch.num_kv_heads:
+        raise ValueError(f"tensor_parallel_size={tp} is not a multiple of num_key_value_heads={arch.num_kv_heads}: "
+                         f"each KV head must be replicated on the same number of ranks")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda and torch.cuda.device_count() < tp:
+        raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs, this machine has {torch.cuda.device_count()}")
 
 
 class LLMEngine:

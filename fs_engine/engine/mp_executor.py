@@ -3,6 +3,11 @@
     frontend (this process)          plans-<rank> (PUSH) ──> worker rank r ──> results (PULL)
         LLMEngine + scheduler        swap-commands (PUSH) ──> swap process ──> swap-done (PULL)
 
+With ``tensor_parallel_size`` N there are N worker processes, one per rank, joined by torch.distributed
+(gloo on CPU, NCCL on GPU; rendezvous at ``master_addr:master_port``). Each plan is encoded once and the same
+frame goes to every rank; every rank computes and samples identically, and rank 0 returns the result. The
+swap process maps every rank's arena shard and reports a copy done once every rank's share has landed.
+
 Same interface as ``InProcessExecutor``, and the same copy orchestration (``swaps.start_plan`` / ``finish_plan``): the
 plan's copies go to the swap process (``ProcessSwaps``), the plan without them to every rank, and rank 0's
 result comes back with every copy completed since the last step. With async scheduling
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+import socket
 import time
 from collections import deque
 from typing import Any
@@ -28,6 +34,7 @@ from fs_engine.engine.swaps import PlanInFlight, ProcessSwaps, finish_plan, star
 from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
 from ipc.channels import Puller, Pusher, instance_dir, ipc_address
+from ipc.codec import encode
 from ipc.errors import EngineDeadError
 from ipc.messages import OpenArenas, ProcessFailed, Shutdown, StepPlan, StepResult, SwapReady, WorkerReady
 
@@ -35,21 +42,33 @@ POLL_S = 0.5
 HEALTH_CHECK_S = 0.5  # a child that dies while nothing waits on it is still noticed this soon
 
 
+def _rendezvous(host: str, port: int) -> str:
+    """torch.distributed's init method for the ranks: ``tcp://host:port``, a free port of this machine if 0."""
+    if port == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    return f"tcp://{host}:{port}"
+
+
 class MultiprocExecutor:
     def __init__(self, config: EngineConfig, arch: ModelArch, max_model_len: int, ready_timeout_s: float = 600.0):
         from workers.procs import run_swap_process, run_worker
 
+        self.tp_size = config.parallel.tensor_parallel_size
         self.run_dir = instance_dir()
         self.ctx = zmq.Context()
-        names = ["plans-0", "results", "swap-commands", "swap-done"]
+        names = [f"plans-{r}" for r in range(self.tp_size)] + ["results", "swap-commands", "swap-done"]
         self.addresses = {name: ipc_address(self.run_dir, name) for name in names}
-        self._plans = [Pusher(self.ctx, self.addresses["plans-0"], bind=True)]
+        self.addresses["dist"] = _rendezvous(config.parallel.master_addr, config.parallel.master_port)
+        self._plans = [Pusher(self.ctx, self.addresses[f"plans-{r}"], bind=True) for r in range(self.tp_size)]
         self._results = Puller(self.ctx, self.addresses["results"])
         self._swap_commands = Pusher(self.ctx, self.addresses["swap-commands"], bind=True)
         self._swap_done = Puller(self.ctx, self.addresses["swap-done"])
         spawn = multiprocessing.get_context("spawn")
-        self.workers = [spawn.Process(target=run_worker, name="fs-engine-worker-0", daemon=True,
-                                      args=(config, arch, max_model_len, 0, str(self.run_dir), self.addresses))]
+        self.workers = [spawn.Process(target=run_worker, name=f"fs-engine-worker-{r}", daemon=True,
+                                      args=(config, arch, max_model_len, r, str(self.run_dir), self.addresses))
+                        for r in range(self.tp_size)]
         self.swapper = spawn.Process(target=run_swap_process, name="fs-engine-swap", daemon=True,
                                      args=(str(self.run_dir), self.addresses))
         self.swaps = ProcessSwaps(self._swap_commands, self._swap_done, self._check_children, self._send)
@@ -69,15 +88,27 @@ class MultiprocExecutor:
             raise
 
     def _handshake(self, config: EngineConfig, arch: ModelArch, timeout_s: float) -> None:
-        ready: WorkerReady = self._recv(self._results, "worker rank 0 to load the model", timeout_s)
+        deadline = time.monotonic() + timeout_s
+        readies: dict[int, WorkerReady] = {}
+        while len(readies) < self.tp_size:
+            waiting = sorted(set(range(self.tp_size)) - set(readies))
+            ready: WorkerReady = self._recv(self._results, f"worker ranks {waiting} to load the model",
+                                            max(1.0, deadline - time.monotonic()))
+            readies[ready.rank] = ready
+        ranks = [readies[r] for r in range(self.tp_size)]
+        ready = ranks[0]
+        if len({(r.num_blocks, r.num_host_blocks, r.dtype) for r in ranks}) != 1:  # they agree at start-up
+            raise EngineDeadError(f"the ranks sized different KV arenas: {[(r.num_blocks, r.num_host_blocks) for r in ranks]}")
         self.num_blocks = ready.num_blocks
         self.num_cpu_blocks = ready.num_host_blocks
         self.device = ready.device
         self.dtype_name = ready.dtype
-        self.layout = KVLayout(arch.num_layers, config.cache.block_size, arch.num_kv_heads, arch.head_dim, ready.dtype)
-        self.worker_pids = [ready.pid]
-        self._send(self._swap_commands, OpenArenas([ready.arena], ready.num_host_blocks, ready.dtype,
-                                            config.swap.copy_granularity, config.swap.swap_threads))
+        # the whole model's KV per block (every rank's shard together): what a swap of one block moves
+        kv_heads = max(1, arch.num_kv_heads // self.tp_size) * self.tp_size
+        self.layout = KVLayout(arch.num_layers, config.cache.block_size, kv_heads, arch.head_dim, ready.dtype)
+        self.worker_pids = [r.pid for r in ranks]
+        self._send(self._swap_commands, OpenArenas([r.arena for r in ranks], ready.num_host_blocks, ready.dtype,
+                                                   config.swap.copy_granularity, config.swap.swap_threads))
         swap_ready: SwapReady = self._recv(self._swap_done, "the swap process to map the KV arenas", 120.0)
         self.swap_pid = swap_ready.pid
 
@@ -87,6 +118,17 @@ class MultiprocExecutor:
         for proc in (*self.workers, self.swapper):
             if not proc.is_alive():
                 raise EngineDeadError(f"the engine's {proc.name} process died (exit code {proc.exitcode})")
+
+    def _failure(self, msg: ProcessFailed) -> str:
+        """What to tell of a child's reported failure. A rank whose peer was killed fails in its next
+        collective: the killed process is the cause, and is named first."""
+        time.sleep(0.05)  # a killed peer's exit is visible by now
+        killed = [p for p in (*self.workers, self.swapper) if not p.is_alive() and (p.exitcode or 0) < 0]
+        reason = f"{msg.who} failed:\n{msg.message}"
+        if killed:
+            return (f"the engine's {killed[0].name} process died (signal {-killed[0].exitcode}); then "
+                    + reason)
+        return reason
 
     def check_health(self) -> None:
         """Raise EngineDeadError if a child process is gone. Cheap; rate-limited to one look per
@@ -100,7 +142,7 @@ class MultiprocExecutor:
         while True:
             msg = channel.recv(timeout_s=POLL_S)
             if isinstance(msg, ProcessFailed):
-                raise EngineDeadError(f"{msg.who} failed:\n{msg.message}")
+                raise EngineDeadError(self._failure(msg))
             if msg is not None:
                 return msg
             self._check_children()
@@ -120,9 +162,11 @@ class MultiprocExecutor:
         self._runs.append(start_plan(plan, self.swaps, self._send_plan))
 
     def _send_plan(self, plan: StepPlan) -> None:
-        """To every rank; rank 0's result is read in ``collect``."""
+        """To every rank, encoded once; rank 0's result is read in ``collect``."""
+        frame = encode(plan)
         for channel in self._plans:
-            self._send(channel, plan)
+            while not channel.send_frame(frame, timeout_s=POLL_S):
+                self._check_children()
 
     def collect(self) -> StepResult:
         """The oldest step's result. Its time is counted from when it started or the step before it ended,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.checkpoint_slice import materialize
 from workers.parallel import SINGLE, TPContext
 
 
@@ -103,7 +104,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
 
     def _bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        param.data.copy_(loaded)
+        param.data.copy_(materialize(loaded))  # replicated: every rank adds it once, after the all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

@@ -19,6 +19,7 @@ from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
+from workers.checkpoint_slice import materialize
 from workers.parallel import SINGLE, TPContext
 
 
@@ -154,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             loader = getattr(param, "weight_loader", None)
             if loader is None:
-                param.data.copy_(tensor)
+                param.data.copy_(materialize(tensor))
             else:
                 loader(param, tensor, shard)
             loaded.add(target if shard is None else f"{target}#{shard}")
