@@ -78,7 +78,7 @@ def _make_executor(config: EngineConfig, arch: ModelArch, max_model_len: int, mu
         if multiprocess:
             raise ValueError("a simulated device runs in this process; drop multiprocess=True (or the device=sim:...)")
         if tp > 1:
-            raise ValueError(f"tensor_parallel_size={tp} is not simulated yet: run a simulated device at 1")
+            check_tensor_parallel(arch, tp, "cpu")  # the ranks are simulated: only the shapes must shard
         return SimExecutor(config, arch, max_model_len)
     if tp > 1:
         check_tensor_parallel(arch, tp, config.device.device)

@@ -149,6 +149,22 @@ def vidur_profiles() -> tuple[VidurProfile, ...]:
     return tuple(profiles)
 
 
+@functools.cache
+def allreduce_table(system: str, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sizes in bytes, median seconds) of NCCL all-reduces among ``num_workers`` GPUs of one ``system``
+    (``fs_engine/sim/data/vidur_allreduce.csv.gz``, written by ``tools/import_vidur.py``)."""
+    points = []
+    with resources.files("fs_engine.sim").joinpath("data/vidur_allreduce.csv.gz").open("rb") as raw:
+        for row in csv.DictReader(gzip.open(raw, "rt")):
+            if row["system"] == system and int(row["num_workers"]) == num_workers:
+                points.append((int(row["size_bytes"]), float(row["median_ms"]) / 1000))
+    if not points:
+        raise ValueError(f"no all-reduce profile of {num_workers} GPUs of {system}: simulated tensor parallelism "
+                         f"covers 2, 4 and 8 GPUs of one machine")
+    points.sort()
+    return np.array([p[0] for p in points], dtype=float), np.array([p[1] for p in points])
+
+
 def find_vidur_profile(gpu: str | None, shape: ModelShape) -> VidurProfile | None:
     """The profile of exactly this layer shape on this GPU, if Vidur measured one."""
     for p in vidur_profiles():
@@ -276,13 +292,37 @@ class CostModel:
         bw = self.profile.memory_bw * self.eff.gemm_memory
         return max(self.eff.min_kernel_s, tokens * self.shape.hidden * self.dtype_bytes * 2 / bw)
 
+    def allreduce_s(self, num_bytes: float) -> float:
+        """One all-reduce of ``num_bytes`` among the tensor-parallel ranks (S8 of ``devices``), interpolated
+        in the profiled sizes; beyond the largest, at its bandwidth."""
+        if self.shape.tp == 1 or num_bytes <= 0:
+            return 0.0
+        if self.profile.allreduce_system is None:
+            raise ValueError(f"the simulated {self.profile.name} has no all-reduce profile: simulate "
+                             f"tensor_parallel_size={self.shape.tp} on a100, h100 or h200")
+        sizes, seconds = allreduce_table(self.profile.allreduce_system, self.shape.tp)
+        if num_bytes > sizes[-1]:
+            return float(seconds[-1] * num_bytes / sizes[-1])
+        return float(np.interp(num_bytes, sizes, seconds))
+
+    def comm_s(self, rows: int, head_rows: int) -> float:
+        """A step's collectives: the all-reduce after every layer's attention and MLP (row-parallel outputs)
+        and after the vocabulary-parallel embedding, of ``rows`` hidden states each, and the LM head's
+        all-gather of the logits (a ring all-gather moves half of what an all-reduce of its output does)."""
+        if self.shape.tp == 1:
+            return 0.0
+        hidden = rows * self.shape.hidden * self.dtype_bytes
+        logits = head_rows * self.shape.vocab * self.dtype_bytes
+        return (2 * self.shape.num_layers + 1) * self.allreduce_s(hidden) + 0.5 * self.allreduce_s(logits)
+
     # ---- a step ----
     def device_s(self, step: StepShape) -> float:
         rows = step.graph_batch or step.num_tokens  # a graph computes its padded rows too
         query_lens, context_lens = step.query_lens, step.context_lens
         per_layer = self.linear_s(rows) + self.attention_s(query_lens, context_lens)
         head_rows = step.graph_batch or step.num_sampled
-        return self.shape.num_layers * per_layer + self.emb_s(rows) + self.lm_head_s(head_rows)
+        return (self.shape.num_layers * per_layer + self.emb_s(rows) + self.lm_head_s(head_rows)
+                + self.comm_s(rows, head_rows))
 
     def launch_s(self, step: StepShape) -> float:
         p = self.profile

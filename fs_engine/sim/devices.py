@@ -22,6 +22,9 @@ Sources (S1-S7 below are cited next to each constant):
 - S6 FlashAttention-2 (Dao, 2023): the forward pass reaches 50-73% of the A100's peak FLOP/s.
 - S7 NVIDIA's CUDA graphs documentation and vLLM's measurements: a kernel launch costs the host about 4-6 us;
   a whole graph replays for about one launch.
+- S8 Vidur's NCCL all-reduce profiles of one machine's GPUs (``fs_engine/sim/data/vidur_allreduce.csv.gz``,
+  MIT): A100 and H100 DGX systems (NVSwitch), 2, 4 and 8 GPUs. The H200 takes the H100's (the same NVLink 4
+  fabric, *estimate*); the A10 has none (PCIe only, no profile), so it simulates one rank.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ class DeviceProfile:
     # kernels); reference: the torch backend, which pads decode rows to the longest context, computes masked
     # prefill scores in full and loops over the chunks of any step that prefills
     chunk_loop_s: float = 0.0  # reference kernel: cost per chunk of a step that prefills (its Python loop)
+    allreduce_system: str | None = None  # whose all-reduce times (S8) the tensor-parallel ranks of one machine
+    # pay; None: this device has no profile, and a sharded model cannot be simulated on it
     async_command_host_s: float = 0.0  # what an unwaited copy command costs the step that issues it on the
     # host: on a CPU its copy thread takes a core and GIL hand-offs from the forward (fitted by calibrate);
     # on a GPU deployment the swap process issues the copies, so nothing
@@ -114,11 +119,11 @@ PROFILES: dict[str, DeviceProfile] = {
     "a10": DeviceProfile("a10", 24 * 2**30, 125e12, 600 * GB, "a40", attn_compute_eff=0.5, attn_memory_eff=0.7,
                          **_PCIE4),
     "a100": DeviceProfile("a100", 80 * 2**30, 312e12, 2039 * GB, "a100", attn_compute_eff=0.5,
-                          attn_memory_eff=0.7, **_PCIE4),
+                          attn_memory_eff=0.7, allreduce_system="a100_dgx", **_PCIE4),
     "h100": DeviceProfile("h100", 80 * 2**30, 989e12, 3350 * GB, "h100", attn_compute_eff=0.5,
-                          attn_memory_eff=0.7, **_PCIE5),
+                          attn_memory_eff=0.7, allreduce_system="h100_dgx", **_PCIE5),
     "h200": DeviceProfile("h200", 141 * 2**30, 989e12, 4800 * GB, "h100", attn_compute_eff=0.5,
-                          attn_memory_eff=0.7, **_PCIE5),
+                          attn_memory_eff=0.7, allreduce_system="h100_dgx", **_PCIE5),
 }
 PROFILES["a100-80gb"] = PROFILES["a100"]
 PROFILES["a10-24gb"] = PROFILES["a10"]

@@ -94,10 +94,18 @@ class SimExecutor:
         self.clock = VirtualClock()
         dtype = config.model.dtype if config.model.dtype != "auto" else (
             "bfloat16" if self.profile.dtype_bytes == 2 else "float32")
-        self.layout = KVLayout(arch.num_layers, config.cache.block_size, arch.num_kv_heads, arch.head_dim, dtype)
-        self.shape = ModelShape.from_arch(arch)
+        # sharded over tp ranks (one device each): each rank holds its share of the weights and of every block's
+        # KV heads, computes its share of each step, and the ranks meet in the step's all-reduces; a swap moves
+        # every rank's share over that rank's own PCIe link, all at once
+        tp = config.parallel.tensor_parallel_size
+        self.shape = ModelShape.from_arch(arch, tp)
+        self.rank_layout = KVLayout(arch.num_layers, config.cache.block_size, self.shape.kv_heads, arch.head_dim,
+                                    dtype)
+        self.layout = KVLayout(arch.num_layers, config.cache.block_size, self.shape.kv_heads * tp, arch.head_dim,
+                               dtype)  # every rank's share together, as the multi-process executor reports it
         self.cost = CostModel(self.profile, self.shape, kv_dtype_bytes=DTYPE_BYTES[dtype])
-        self.num_blocks, self.num_cpu_blocks = simulated_kv_blocks(config, self.profile, self.shape, self.layout,
+        self.cost.allreduce_s(1)  # a device without an all-reduce profile fails here, not in the first step
+        self.num_blocks, self.num_cpu_blocks = simulated_kv_blocks(config, self.profile, self.shape, self.rank_layout,
                                                                    max_model_len)
         self.device = f"{SIM_PREFIX}{self.profile.name}"
         self.granularity = config.swap.copy_granularity
@@ -127,8 +135,9 @@ class SimExecutor:
         cache = dataclasses.replace(config.cache, num_gpu_blocks=self.num_blocks, num_cpu_blocks=self.num_cpu_blocks)
         device = dataclasses.replace(config.device, device="cpu", sim_execute="shapes")
         model = dataclasses.replace(config.model, dtype="float32")
-        return InProcessExecutor(dataclasses.replace(config, cache=cache, device=device, model=model), arch,
-                                 max_model_len)
+        parallel = dataclasses.replace(config.parallel, tensor_parallel_size=1)  # one real rank for the tokens
+        return InProcessExecutor(dataclasses.replace(config, cache=cache, device=device, model=model,
+                                                     parallel=parallel), arch, max_model_len)
 
     # ---- one step ----------------------------------------------------------------------------------------
     def submit(self, plan: StepPlan) -> None:
@@ -175,10 +184,10 @@ class SimExecutor:
         """Queue a command on its direction's engine; returns when it completes."""
         calls = copy_calls(self.granularity, command.runs, self.layout.num_layers)
         num_bytes = sum(n for _, _, n in command.runs) * self.layout.block_bytes
-        duration = self.cost.copy_s(calls, num_bytes)
+        duration = self.cost.copy_s(calls, num_bytes // self.shape.tp)  # each rank's link, in parallel
         other = self.engines["in" if command.kind == "out" else "out"]
         end = self.engines[command.kind].run(t, duration, other, self.profile.duplex_factor)
-        self._in_flight[command.swap_id] = (end, SwapDone(command.swap_id, calls, num_bytes, end - t))
+        self._in_flight[command.swap_id] = (end, SwapDone(command.swap_id, calls * self.shape.tp, num_bytes, end - t))
         return end
 
     def _forward_s(self, plan: StepPlan, t: float) -> float:

@@ -97,3 +97,13 @@ def test_bench_run_simulate_prints_virtual_time_figures(model, tmp_path, capsys)
     assert (out / "steps-run.csv").read_text().startswith("t,seconds")
     assert main(["run", "--model", model, "--step-log", "--num-conversations", "1"]) == 2  # needs --simulate
     assert "--step-log needs --simulate" in capsys.readouterr().err
+
+
+def test_a_sharded_model_on_simulated_gpus_gives_the_same_replies(model):
+    one, _ = replay(model, device="sim:h100")
+    two, engine = replay(model, device="sim:h100", tensor_parallel_size=2)
+    assert two.replies == one.replies  # the shapes-only tokens depend on the context, never on the schedule
+    assert engine.executor.shape.tp == 2 and engine.executor.rank_layout.block_bytes * 2 == engine.executor.layout.block_bytes
+    assert two.engine_stats["num_swap_outs"] > 0
+    with pytest.raises(ValueError, match="no all-reduce profile"):
+        LLMEngine(model, device="sim:a10", tensor_parallel_size=2, **ENGINE)

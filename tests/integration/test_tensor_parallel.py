@@ -132,7 +132,6 @@ def test_a_killed_rank_fails_the_engine_fast_and_leaves_no_orphans(tiny_model_di
 @pytest.mark.parametrize("args,match", [
     ({"tensor_parallel_size": 3, "multiprocess": True}, "does not divide the model's num_attention_heads=4"),
     ({"tensor_parallel_size": 2, "multiprocess": False}, "pass multiprocess=True"),
-    ({"tensor_parallel_size": 2, "device": "sim:a100"}, "not simulated yet"),
 ])
 def test_a_sharding_that_cannot_work_is_refused_before_any_process_starts(tiny_model_dirs, args, match):
     with pytest.raises(ValueError, match=match):

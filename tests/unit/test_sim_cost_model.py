@@ -189,3 +189,42 @@ def test_nnls_keeps_coefficients_non_negative():
     copies = [(calls, n, calls * 3e-6 + n / 5e9) for calls, n in shapes]
     latency, bandwidth = fit_copies(copies)
     assert latency == pytest.approx(3e-6) and bandwidth == pytest.approx(5e9)
+
+
+# ---- tensor parallelism ----------------------------------------------------------------------------------
+def _sharded(shape: ModelShape, tp: int) -> ModelShape:
+    return ModelShape(shape.num_layers, shape.hidden, shape.intermediate, shape.num_heads, shape.num_kv_heads,
+                      shape.head_dim, shape.vocab, tp)
+
+
+@pytest.mark.parametrize("device", ["a100", "h100", "h200"])
+def test_a_sharded_step_pays_its_all_reduces_and_runs_faster_than_one_rank(device):
+    decode = StepShape([1] * 64, [2048] * 64, 64, 64, 0)
+    one = CostModel(get_profile(device), QWEN25_32B)
+    assert one.comm_s(64, 64) == 0.0
+    times = {}
+    for tp in (2, 4, 8):
+        cost = CostModel(get_profile(device), _sharded(QWEN25_32B, tp))
+        hidden_bytes = 64 * QWEN25_32B.hidden * 2
+        collective = cost.allreduce_s(hidden_bytes)
+        assert 5e-6 < collective < 1e-3  # tens of microseconds for half a megabyte over NVLink
+        logits = 0.5 * cost.allreduce_s(64 * QWEN25_32B.vocab * 2)
+        assert cost.comm_s(64, 64) == pytest.approx((2 * QWEN25_32B.num_layers + 1) * collective + logits)
+        times[tp] = cost.step_s(decode)
+        assert cost.shape.num_params() < one.shape.num_params() / tp * 1.01  # each rank holds its share
+    assert one.step_s(decode) > times[2] > times[8]
+
+
+def test_all_reduce_time_grows_with_size_and_follows_the_profile_beyond_it():
+    cost = CostModel(get_profile("a100"), _sharded(LLAMA3_8B, 2))
+    small, large = cost.allreduce_s(4096), cost.allreduce_s(32 << 20)
+    assert small < large
+    biggest = 67108864
+    assert cost.allreduce_s(2 * biggest) == pytest.approx(2 * cost.allreduce_s(biggest))
+
+
+def test_a_device_without_an_all_reduce_profile_cannot_simulate_ranks():
+    cost = CostModel(get_profile("a10"), _sharded(LLAMA3_8B, 2))
+    with pytest.raises(ValueError, match="no all-reduce profile: simulate tensor_parallel_size=2 on a100"):
+        cost.allreduce_s(4096)
+    assert CostModel(get_profile("a10"), LLAMA3_8B).allreduce_s(4096) == 0.0
