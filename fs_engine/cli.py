@@ -51,11 +51,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    """``launch --dry-run GPU``: the per-rank memory plan of this launch on that GPU; nothing starts."""
+    from fs_engine.config import EngineConfig
+    from fs_engine.engine.llm_engine import check_tensor_parallel, resolve_max_model_len, resolve_model_path
+    from fs_engine.engine.memory_plan import memory_plan
+    from fs_engine.model_config import load_model_arch
+
+    model = resolve_model_path(args.model)
+    config = EngineConfig.from_kwargs(model=model, **engine_kwargs(args))
+    arch = load_model_arch(model)
+    tp = config.parallel.tensor_parallel_size
+    if tp > 1:
+        check_tensor_parallel(arch, tp, "cpu")  # the GPUs are the plan's, not this machine's
+    max_model_len = resolve_max_model_len(config, arch)
+    plan = memory_plan(config, arch, max_model_len, args.dry_run)
+    print(f"dry run: {arch.architecture} from {model}, tensor_parallel_size={tp}, max_model_len={max_model_len}, "
+          f"block_size={config.cache.block_size}, gpu_memory_utilization={config.cache.gpu_memory_utilization}")
+    print("\n".join(plan.lines()))
+    print(f"engine: {plan.kv_tokens} KV tokens resident on the GPUs, {plan.host_blocks * plan.block_size} in host "
+          f"memory; {tp} worker processes + 1 swap process would start")
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     import os
 
     from fs_engine.engine.llm_engine import LLMEngine
     from fs_engine.engine.server import FrontendServer
+
+    if args.dry_run:
+        return cmd_dry_run(args)
 
     engine = LLMEngine(args.model, multiprocess=True, **engine_kwargs(args))
     server = FrontendServer(engine, f"tcp://{args.host}:{args.port}")
@@ -85,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
     launch.add_argument("--host", default="127.0.0.1", help="address to listen on")
     launch.add_argument("--port", type=int, default=5555, help="port to listen on (0: any free port)")
+    launch.add_argument("--dry-run", metavar="GPU", choices=("a100", "h100", "h200"), default=None,
+                        help="print the per-rank memory plan on GPUs of this kind (80/80/141 GB) and exit: "
+                             "weights, activations, KV and host arenas, context-switch bytes and time")
     add_engine_args(launch)
     launch.set_defaults(func=cmd_launch)
 
