@@ -45,14 +45,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the ranks are spawned: they read it at start-up
     sizes = [int(s) for s in args.sizes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or str(make_tiny_model(args.arch, Path(tmp) / "model", preset=args.preset))
-        engines = {n: LLMEngine(model_dir, multiprocess=True, tensor_parallel_size=n) for n in sizes}
+        previous = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the ranks are spawned: they read it at start-up
+        try:
+            engines = {n: LLMEngine(model_dir, multiprocess=True, tensor_parallel_size=n) for n in sizes}
+        finally:
+            if previous is None:
+                os.environ.pop("OMP_NUM_THREADS")
+            else:
+                os.environ["OMP_NUM_THREADS"] = previous
         try:
             vocab = engines[sizes[0]].arch.vocab_size
             for n, engine in engines.items():

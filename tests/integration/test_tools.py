@@ -75,8 +75,20 @@ def test_bench_multiprocess_reports_overhead_and_identical_tokens(tmp_path, monk
         assert row["in-process"]["steps"] == row["multi-process"]["steps"] >= 5  # the same schedule
         assert row["served"]["steps"] >= row["in-process"]["steps"]  # requests may arrive a step apart
         assert row["tokens_per_s_ratio"] > 0 and row["served_tokens_per_s_ratio"] > 0
-        assert all(0 <= row[m]["worker_idle_fraction"] < 1 for m in ("in-process", "multi-process", "served"))
+        assert all(0 <= row[m]["worker_idle_fraction"] < 1
+                   for m in ("in-process", "multi-process", "mp-sync-sched", "served"))
+        assert row["mp-sync-sched"]["steps"] == row["in-process"]["steps"] and row["sync_sched_tokens_per_s_ratio"] > 0
     assert "overhead" in capsys.readouterr().out
+
+
+def test_bench_tensor_parallel_compares_rank_counts_on_the_same_tokens(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "tp.json"
+    run_tool("bench_tensor_parallel.py", ["--sizes", "1,2", "--batches", "2", "--prompt-len", "8", "--max-tokens", "4",
+                                          "--repeats", "1", "--json", str(out)], monkeypatch)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["identical_outputs"] is True
+    assert row["tp1"]["tokens_per_s"] > 0 and row["tp2"]["tokens_per_s"] > 0
+    assert "TP=2 ms/step" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("shape", ["llama3-8b", "qwen2.5-32b"])
