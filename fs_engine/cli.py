@@ -74,6 +74,21 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    """``launch --nnodes M --node-rank K`` (K > 0): this machine's ranks of an engine whose frontend is node 0."""
+    from fs_engine.config import EngineConfig
+    from fs_engine.engine.llm_engine import check_tensor_parallel, resolve_max_model_len, resolve_model_path
+    from fs_engine.engine.node import serve_node
+    from fs_engine.model_config import load_model_arch
+
+    model = resolve_model_path(args.model)
+    config = EngineConfig.from_kwargs(model=model, **engine_kwargs(args))
+    arch = load_model_arch(model)
+    check_tensor_parallel(arch, config.parallel.tensor_parallel_size, config.device.device,
+                          config.parallel.ranks_per_node)
+    return serve_node(config, arch, resolve_max_model_len(config, arch))
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     import os
 
@@ -82,6 +97,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         return cmd_dry_run(args)
+    if engine_kwargs(args).get("node_rank", 0) > 0:
+        return cmd_node(args)
 
     engine = LLMEngine(args.model, multiprocess=True, **engine_kwargs(args))
     server = FrontendServer(engine, f"tcp://{args.host}:{args.port}")

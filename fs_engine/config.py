@@ -212,12 +212,26 @@ class ParallelConfig:
         "split or replicated); above 1 the engine runs multi-process", default=1)
     master_addr: str = _help("torch.distributed rendezvous host of the ranks (rank 0's machine)",
                              default="127.0.0.1")
-    master_port: int = _help("torch.distributed rendezvous port; 0 picks a free one (one machine only)", default=0)
+    master_port: int = _help("torch.distributed rendezvous port; 0 picks a free one (one machine only); with "
+                             "nnodes > 1 the engine's sockets use the next ports too", default=0)
+    nnodes: int = _help("machines the ranks span (tensor_parallel_size / nnodes ranks each); run one "
+                        "fs-engine launch per machine with the same arguments and its --node-rank", default=1)
+    node_rank: int = _help("this machine's place among nnodes: 0 runs the frontend, the others only ranks",
+                           default=0)
 
     def __post_init__(self) -> None:
         check_types(self)
         check_value(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "must be >= 1")
         check_value(0 <= self.master_port < 65536, "master_port", self.master_port, "must be in [0, 65535]")
+        check_value(self.nnodes >= 1 and self.tensor_parallel_size % self.nnodes == 0, "nnodes", self.nnodes,
+                    f"must be >= 1 and divide tensor_parallel_size={self.tensor_parallel_size}")
+        check_value(0 <= self.node_rank < self.nnodes, "node_rank", self.node_rank, f"must be in [0, {self.nnodes})")
+        check_value(self.nnodes == 1 or self.master_port > 0, "master_port", self.master_port,
+                    "give every machine the same port (0 picks a free one, which only one machine can know)")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
 
 
 AREAS = {

@@ -40,8 +40,9 @@ class _Channel:
     def poll(self, timeout_s: float | None) -> bool:
         return bool(self.socket.poll(None if timeout_s is None else int(timeout_s * 1000)))
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close; ``linger_s``: how long messages still queued (a last ``Shutdown``) may take to leave."""
+        self.socket.close(linger=int(linger_s * 1000))
 
 
 class Pusher(_Channel):

@@ -297,6 +297,7 @@ class WorkerReady:
     dtype: str
     block_bytes: int
     arena: dict  # how another process opens this rank's device arena (shared-memory path or CUDA IPC handle)
+    config_digest: str = ""  # of the engine arguments it runs with: every machine's ranks must agree
 
 
 @dataclass

@@ -51,6 +51,15 @@ def _send(channel: Pusher, msg: Any, run_dir: str) -> None:
             os._exit(0)
 
 
+def config_digest(config: Any) -> str:
+    """A digest of the engine arguments, the same on every machine of one engine (``node_rank`` aside)."""
+    import dataclasses
+    import hashlib
+
+    same = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, node_rank=0))
+    return hashlib.sha256(repr(same).encode()).hexdigest()[:16]
+
+
 def _join_ranks(config: Any, rank: int, init_method: str):
     """This rank's place in the tensor-parallel group (torch.distributed: NCCL on GPU, gloo on CPU)."""
     from workers.parallel import SINGLE, TPContext
@@ -82,7 +91,8 @@ def run_worker(config: Any, arch: Any, max_model_len: int, rank: int, run_dir: s
         num_blocks, num_host_blocks = worker.init_kv_cache()
         plans = Puller(ctx, addresses[f"plans-{rank}"], bind=False)
         _send(results, WorkerReady(rank, os.getpid(), num_blocks, num_host_blocks, str(worker.device),
-                                 worker.dtype_name, worker.layout.block_bytes, worker.arena_spec()), run_dir)
+                                 worker.dtype_name, worker.layout.block_bytes, worker.arena_spec(),
+                                 config_digest(config)), run_dir)
         while True:
             msg = plans.recv(timeout_s=IDLE_POLL_S)
             if msg is None:

@@ -81,7 +81,9 @@ def _make_executor(config: EngineConfig, arch: ModelArch, max_model_len: int, mu
             check_tensor_parallel(arch, tp, "cpu")  # the ranks are simulated: only the shapes must shard
         return SimExecutor(config, arch, max_model_len)
     if tp > 1:
-        check_tensor_parallel(arch, tp, config.device.device)
+        check_tensor_parallel(arch, tp, config.device.device, config.parallel.ranks_per_node)
+        if config.parallel.node_rank > 0:
+            raise ValueError(f"node_rank={config.parallel.node_rank} runs ranks only: start it with fs-engine launch")
         if not multiprocess:
             raise ValueError(f"tensor_parallel_size={tp} runs one worker process per rank: pass "
                              "multiprocess=True (LLM and fs-engine launch do)")
@@ -89,7 +91,7 @@ def _make_executor(config: EngineConfig, arch: ModelArch, max_model_len: int, mu
     return executor_cls(config, arch, max_model_len)
 
 
-def check_tensor_parallel(arch: ModelArch, tp: int, device: str) -> None:
+def check_tensor_parallel(arch: ModelArch, tp: int, device: str, local_ranks: int | None = None) -> None:
     """The start-up checks of a sharded model, before any process starts, with what to change."""
     import torch
 
@@ -104,8 +106,10 @@ def check_tensor_parallel(arch: ModelArch, tp: int, device: str) -> None:
         raise ValueError(f"tensor_parallel_size={tp} is not a multiple of num_key_value_heads={arch.num_kv_heads}: "
                          f"each KV head must be replicated on the same number of ranks")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if cuda and torch.cuda.device_count() < tp:
-        raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs, this machine has {torch.cuda.device_count()}")
+    local = tp if local_ranks is None else local_ranks  # the ranks this machine runs
+    if cuda and torch.cuda.device_count() < local:
+        raise ValueError(f"{local} ranks on this machine need {local} GPUs, it has {torch.cuda.device_count()}"
+                         + ("" if local == tp else f" (tensor_parallel_size={tp} over nnodes machines)"))
 
 
 class LLMEngine:

@@ -25,11 +25,12 @@ import shutil
 import socket
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import zmq
 
-from fs_engine.config import EngineConfig
+from fs_engine.config import EngineConfig, ParallelConfig
 from fs_engine.engine.swaps import PlanInFlight, ProcessSwaps, finish_plan, start_plan
 from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
@@ -51,26 +52,52 @@ def _rendezvous(host: str, port: int) -> str:
     return f"tcp://{host}:{port}"
 
 
+def engine_addresses(parallel: ParallelConfig, run_dir: Path | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(where the frontend binds, where the children connect) for every socket of one engine: ``plans-<rank>``,
+    ``results``, ``swap-commands-<node>``, ``swap-done``, and ``dist`` (torch.distributed's rendezvous).
+    One machine: ipc:// paths in the run directory. Several: TCP ports of rank 0's machine, counted up from
+    ``master_port`` (which torch.distributed takes), so that every machine derives the same addresses."""
+    n, m = parallel.tensor_parallel_size, parallel.nnodes
+    names = ["results", "swap-done", *(f"plans-{r}" for r in range(n)), *(f"swap-commands-{k}" for k in range(m))]
+    if m == 1:
+        bind = {name: ipc_address(run_dir, name) for name in names}
+        return bind, {**bind, "dist": _rendezvous(parallel.master_addr, parallel.master_port)}
+    ports = {name: parallel.master_port + 1 + i for i, name in enumerate(names)}
+    bind = {name: f"tcp://*:{port}" for name, port in ports.items()}
+    connect = {name: f"tcp://{parallel.master_addr}:{port}" for name, port in ports.items()}
+    return bind, {**connect, "dist": f"tcp://{parallel.master_addr}:{parallel.master_port}"}
+
+
+def node_processes(config: EngineConfig, arch: ModelArch, max_model_len: int, node: int, run_dir: Path,
+                   addresses: dict[str, str]) -> tuple[list, Any]:
+    """This machine's worker processes (its ranks) and its swap process (their arenas), not started."""
+    from workers.procs import run_swap_process, run_worker
+
+    spawn = multiprocessing.get_context("spawn")
+    per_node = config.parallel.ranks_per_node
+    workers = [spawn.Process(target=run_worker, name=f"fs-engine-worker-{r}", daemon=True,
+                             args=(config, arch, max_model_len, r, str(run_dir), addresses))
+               for r in range(node * per_node, (node + 1) * per_node)]
+    swap_addresses = {**addresses, "swap-commands": addresses[f"swap-commands-{node}"]}
+    swapper = spawn.Process(target=run_swap_process, name="fs-engine-swap", daemon=True,
+                            args=(str(run_dir), swap_addresses))
+    return workers, swapper
+
+
 class MultiprocExecutor:
     def __init__(self, config: EngineConfig, arch: ModelArch, max_model_len: int, ready_timeout_s: float = 600.0):
-        from workers.procs import run_swap_process, run_worker
-
-        self.tp_size = config.parallel.tensor_parallel_size
+        parallel = config.parallel
+        self.tp_size = parallel.tensor_parallel_size
+        self.nnodes = parallel.nnodes
         self.run_dir = instance_dir()
         self.ctx = zmq.Context()
-        names = [f"plans-{r}" for r in range(self.tp_size)] + ["results", "swap-commands", "swap-done"]
-        self.addresses = {name: ipc_address(self.run_dir, name) for name in names}
-        self.addresses["dist"] = _rendezvous(config.parallel.master_addr, config.parallel.master_port)
-        self._plans = [Pusher(self.ctx, self.addresses[f"plans-{r}"], bind=True) for r in range(self.tp_size)]
-        self._results = Puller(self.ctx, self.addresses["results"])
-        self._swap_commands = Pusher(self.ctx, self.addresses["swap-commands"], bind=True)
-        self._swap_done = Puller(self.ctx, self.addresses["swap-done"])
-        spawn = multiprocessing.get_context("spawn")
-        self.workers = [spawn.Process(target=run_worker, name=f"fs-engine-worker-{r}", daemon=True,
-                                      args=(config, arch, max_model_len, r, str(self.run_dir), self.addresses))
-                        for r in range(self.tp_size)]
-        self.swapper = spawn.Process(target=run_swap_process, name="fs-engine-swap", daemon=True,
-                                     args=(str(self.run_dir), self.addresses))
+        bind, self.addresses = engine_addresses(parallel, self.run_dir)
+        self._plans = [Pusher(self.ctx, bind[f"plans-{r}"], bind=True) for r in range(self.tp_size)]
+        self._results = Puller(self.ctx, bind["results"])
+        self._swap_commands = [Pusher(self.ctx, bind[f"swap-commands-{k}"], bind=True) for k in range(self.nnodes)]
+        self._swap_done = Puller(self.ctx, bind["swap-done"])
+        # this machine's ranks and swap process; the other machines' come from their own fs-engine launch
+        self.workers, self.swapper = node_processes(config, arch, max_model_len, 0, self.run_dir, self.addresses)
         self.swaps = ProcessSwaps(self._swap_commands, self._swap_done, self._check_children, self._send)
         # steps the frontend may have in flight: two with async scheduling (the next plan queues behind the one
         # computing, so the worker never waits for the frontend between steps)
@@ -107,10 +134,20 @@ class MultiprocExecutor:
         kv_heads = max(1, arch.num_kv_heads // self.tp_size) * self.tp_size
         self.layout = KVLayout(arch.num_layers, config.cache.block_size, kv_heads, arch.head_dim, ready.dtype)
         self.worker_pids = [r.pid for r in ranks]
-        self._send(self._swap_commands, OpenArenas([r.arena for r in ranks], ready.num_host_blocks, ready.dtype,
-                                                   config.swap.copy_granularity, config.swap.swap_threads))
-        swap_ready: SwapReady = self._recv(self._swap_done, "the swap process to map the KV arenas", 120.0)
-        self.swap_pid = swap_ready.pid
+        if len({r.config_digest for r in ranks}) != 1:
+            differ = sorted(r.rank for r in ranks if r.config_digest != ready.config_digest)
+            raise EngineDeadError(f"ranks {differ} run with other engine arguments than rank 0: start every "
+                                  f"machine's fs-engine launch with the same arguments (but --node-rank)")
+        per_node = config.parallel.ranks_per_node
+        for node, channel in enumerate(self._swap_commands):  # each machine's swap process maps its ranks' arenas
+            arenas = [r.arena for r in ranks[node * per_node:(node + 1) * per_node]]
+            self._send(channel, OpenArenas(arenas, ready.num_host_blocks, ready.dtype, config.swap.copy_granularity,
+                                           config.swap.swap_threads))
+        readies = [self._recv(self._swap_done, "every swap process to map its KV arenas", 120.0)
+                   for _ in range(self.nnodes)]
+        assert all(isinstance(r, SwapReady) for r in readies), readies
+        swap_pids = [r.pid for r in readies]
+        self.swap_pid = swap_pids[0]  # (each machine has one: this is the frontend's machine's, or the first)
 
     # ---- waiting on children -----------------------------------------------------------------------------
     def _check_children(self) -> None:
@@ -193,7 +230,7 @@ class MultiprocExecutor:
         if self._closed:
             return
         self._closed = True
-        for channel in (*self._plans, self._swap_commands):
+        for channel in (*self._plans, *self._swap_commands):
             try:
                 channel.send(Shutdown("engine shutdown"), timeout_s=0.1)  # a dead child takes nothing
             except zmq.ZMQError:
@@ -209,7 +246,9 @@ class MultiprocExecutor:
             if proc.is_alive():
                 proc.kill()
                 proc.join(2.0)
-        for channel in (*self._plans, self._results, self._swap_commands, self._swap_done):
+        for channel in (*self._plans, *self._swap_commands):  # their Shutdown may still be on its way (TCP)
+            channel.close(linger_s=1.0)
+        for channel in (self._results, self._swap_done):
             channel.close()
         self.ctx.term()
         shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -138,28 +138,39 @@ class ThreadSwaps(SwapExecutor):
 
 
 class ProcessSwaps(SwapExecutor):
-    """The swap process, over ZeroMQ. ``check_alive`` raises ``EngineDeadError`` if a child process is gone;
-    every wait polls with a timeout and calls it, so a dead swap process is an error, never a hang."""
+    """The swap processes (one per machine of the engine's ranks), over ZeroMQ. Every command goes to each of
+    them; it is done once each has reported it (a machine's report covers all of its ranks). ``check_alive``
+    raises ``EngineDeadError`` if a child process is gone; every wait polls with a timeout and calls it, so a
+    dead swap process is an error, never a hang."""
 
-    def __init__(self, commands, done, check_alive: Callable[[], None], send: Callable) -> None:
-        self._commands = commands  # Pusher to the swap process
-        self._done_channel = done  # Puller of its SwapDone messages
+    def __init__(self, commands: list, done, check_alive: Callable[[], None], send: Callable) -> None:
+        self._commands = commands  # a Pusher to each swap process
+        self._done_channel = done  # Puller of their SwapDone messages
         self._check_alive = check_alive
         self._send = send  # send(channel, msg): a send that notices a dead peer
         self._done: list[SwapDone] = []
+        self._parts: dict[int, list[SwapDone]] = {}  # swap id -> the reports so far (several machines)
         self._in_flight: set[int] = set()
 
     def submit(self, commands: list[SwapCommand]) -> None:
         self._in_flight.update(c.swap_id for c in commands)
-        self._send(self._commands, SwapBatch(commands))
+        batch = SwapBatch(commands)
+        for channel in self._commands:
+            self._send(channel, batch)
 
     def _collect(self, timeout_s: float) -> None:
         msg = self._done_channel.recv(timeout_s=timeout_s)
         while msg is not None:
             if isinstance(msg, ProcessFailed):
                 raise EngineDeadError(f"{msg.who} failed:\n{msg.message}")
-            self._done.append(msg)
-            self._in_flight.discard(msg.swap_id)
+            parts = self._parts.setdefault(msg.swap_id, [])
+            parts.append(msg)
+            if len(parts) == len(self._commands):
+                del self._parts[msg.swap_id]
+                self._done.append(parts[0] if len(parts) == 1 else SwapDone(
+                    msg.swap_id, sum(d.copies for d in parts), sum(d.bytes for d in parts),
+                    max(d.seconds for d in parts), next((d.error for d in parts if d.error), None)))
+                self._in_flight.discard(msg.swap_id)
             msg = self._done_channel.recv(timeout_s=0)
 
     def wait(self, swap_ids: set[int]) -> None:

@@ -153,3 +153,88 @@ def test_a_rank_that_cannot_start_fails_the_engine_with_its_reason_and_nothing_l
     time.sleep(0.2)
     leftover = {p.pid for p in __import__("multiprocessing").active_children()} - before
     assert not leftover, "a rank or the swap process outlived the failed start"
+
+
+def _free_port_run(count: int) -> int:
+    """A port whose next ``count`` ports are free too (the engine's sockets count up from master_port)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count >= 65536:
+            continue
+        try:
+            held = []
+            for port in range(base, base + count + 1):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+def test_two_launch_commands_are_one_engine_over_two_machines(tiny_model_dirs, tmp_path):
+    """``--nnodes 2``: node 1's launch runs rank 1 and its own swap process, node 0's the frontend and rank 0;
+    the ranks meet through torch.distributed's rendezvous at --master-addr/--master-port, the sockets over
+    TCP. On this machine both nodes are local, which is the whole path but the network."""
+    import subprocess
+    import sys
+
+    from tests.launcher import ENGINE_FLAGS, ROOT
+
+    model = tiny_model_dirs["qwen2"]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(model, **ENGINE_FLAGS).generate(PROMPTS, params)]
+    port = _free_port_run(8)
+    flags = {**ENGINE_FLAGS, "tensor_parallel_size": 2, "nnodes": 2, "master_port": port}
+    argv = [sys.executable, "-m", "fs_engine", "launch", "--model", str(model), "--node-rank", "1"]
+    for name, value in flags.items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    node1 = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / "node1.log").open("w"),
+                             text=True)
+    try:
+        assert "running ranks [1]" in node1.stdout.readline()
+        server = Launched(model, tmp_path / "node0.log", node_rank=0, **flags)
+        try:
+            with Client(server.address, timeout_s=60) as client:
+                streams = [client.generate(p, max_tokens=16, temperature=0, ignore_eos=True, priority=i % 3)
+                           for i, p in enumerate(PROMPTS)]
+                got = [[t for event in stream for t in event.token_ids] for stream in streams]
+                stats = client.stats()
+            assert got == expected
+            assert len(stats["worker_pids"]) == 2 and stats["num_swap_outs"] > 0
+        finally:
+            assert server.stop() == 0
+        assert node1.wait(30) == 0  # the frontend's shutdown stops every machine's processes
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+
+
+def test_machines_started_with_other_engine_arguments_are_refused(tiny_model_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.launcher import ROOT
+
+    model = tiny_model_dirs["qwen3"]
+    port = _free_port_run(8)
+    common = ["--tensor-parallel-size", "2", "--nnodes", "2", "--master-port", str(port), "--block-size", "4"]
+    node1 = subprocess.Popen([sys.executable, "-m", "fs_engine", "launch", "--model", str(model), "--node-rank", "1",
+                              *common, "--num-gpu-blocks", "40"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=(tmp_path / "node1.log").open("w"), text=True)
+    try:
+        with pytest.raises(EngineDeadError, match=r"ranks \[1\] run with other engine arguments"):
+            LLMEngine(model, multiprocess=True, tensor_parallel_size=2, nnodes=2, master_port=port, block_size=4,
+                      num_gpu_blocks=48)
+        assert node1.wait(30) == 0  # told to shut down with the rest
+    finally:
+        if node1.poll() is None:
+            node1.kill()

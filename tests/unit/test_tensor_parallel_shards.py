@@ -74,5 +74,5 @@ def test_a_sharding_that_cannot_work_names_what_to_change(tiny_model_dirs, chang
 def test_more_ranks_than_gpus_is_refused(tiny_model_dirs, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(ValueError, match="needs 4 GPUs, this machine has 2"):
+    with pytest.raises(ValueError, match="4 ranks on this machine need 4 GPUs, it has 2"):
         check_tensor_parallel(load_model_arch(tiny_model_dirs["qwen3"]), 4, "auto")
