@@ -74,10 +74,17 @@ class Puller(_Channel):
         return decode(self.socket.recv(copy=False).bytes)
 
 
+MAX_CLIENT_FRAME_BYTES = 16 << 20  # a client frame over this is refused by libzmq before it is buffered
+
+
 class Router(_Channel):
-    def __init__(self, ctx: zmq.Context, address: str) -> None:
+    def __init__(self, ctx: zmq.Context, address: str, max_frame_bytes: int = MAX_CLIENT_FRAME_BYTES) -> None:
         super().__init__(ctx, zmq.ROUTER, address, bind=True)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # a peer that sends more is disconnected by libzmq at once: an oversized frame is never read in full
+        # (and so never stalls the engine loop); a client's frames are decoded with every field checked
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+        self.max_frame_bytes = max_frame_bytes
 
     def recv(self, timeout_s: float | None = 0) -> tuple[bytes, Any] | None:
         """(client identity, message or ProtocolError) or None. A malformed frame is returned as the error
@@ -89,7 +96,7 @@ class Router(_Channel):
         if len(frames) != 2:
             return identity, ProtocolError(f"expected one message frame, got {len(frames) - 1}")
         try:
-            return identity, decode(payload)
+            return identity, decode(payload, checked=True, max_bytes=self.max_frame_bytes)
         except ProtocolError as e:
             return identity, e
 

@@ -91,6 +91,17 @@ def _make_executor(config: EngineConfig, arch: ModelArch, max_model_len: int, mu
     return executor_cls(config, arch, max_model_len)
 
 
+MAX_PRIORITY = (1 << 31) - 1
+MAX_LABEL_CHARS = 1024  # request ids, tenants, session ids
+
+
+def _check_label(name: str, value: object) -> None:
+    """Ids and names a request carries (hashed and compared every step): short strings."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_LABEL_CHARS:
+        raise ValueError(f"{name} must be a non-empty string of at most {MAX_LABEL_CHARS} characters, "
+                         f"got {value!r:.60}")
+
+
 def check_tensor_parallel(arch: ModelArch, tp: int, device: str, local_ranks: int | None = None) -> None:
     """The start-up checks of a sharded model, before any process starts, with what to change."""
     import torch
@@ -160,6 +171,14 @@ class LLMEngine:
         session_id: str | None = None,
     ) -> None:
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        _check_label("request_id", request_id)
+        _check_label("tenant", tenant)
+        if session_id is not None:
+            _check_label("session_id", session_id)
+        if not isinstance(priority, int) or isinstance(priority, bool) or not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+            raise ValueError(f"priority must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {priority!r:.40}")
         if request_id in self.scheduler.requests or request_id in self._unprocessed:  # (its last output not taken)
             raise ValueError(f"request id {request_id!r} is already in use; pick a unique id")
         prompt_text, token_ids = self._tokenize(prompt)
@@ -217,8 +236,8 @@ class LLMEngine:
 
     def update_priority(self, request_id: str, priority: int) -> None:
         """Change a live request's priority (``policy="priority"``: lower runs first); applies from the next step."""
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if not isinstance(priority, int) or isinstance(priority, bool) or not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+            raise ValueError(f"priority must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {priority!r:.40}")
         self.scheduler.update_priority(request_id, priority)
 
     def has_unfinished_requests(self) -> bool:

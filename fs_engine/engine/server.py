@@ -16,6 +16,8 @@ import dataclasses
 import signal
 import sys
 import time
+import traceback
+import uuid
 from typing import Any
 
 import zmq
@@ -87,7 +89,8 @@ class FrontendServer:
                 self._keepalive()
         except EngineDeadError as e:
             print(f"fs-engine: the engine died, shutting down: {e}", file=sys.stderr, flush=True)
-            self._fail_all(f"the engine died: {e}")
+            # clients learn what died and why in one line; tracebacks (file paths, code) stay in this log
+            self._fail_all(f"the engine died: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             code = 1
         finally:
             if code == 0:
@@ -104,7 +107,24 @@ class FrontendServer:
         while (item := self.router.recv(timeout_s=timeout_s)) is not None:
             timeout_s = 0
             identity, msg = item
-            self._handle(identity, msg)
+            try:
+                self._handle(identity, msg)
+            except EngineDeadError:
+                raise
+            except Exception:  # noqa: BLE001 - one client's message never takes the engine down
+                # the client learns that it failed and an id to quote; the traceback stays in this log
+                error_id = uuid.uuid4().hex[:12]
+                print(f"fs-engine: internal error {error_id} handling {type(msg).__name__} from client "
+                      f"{identity.hex()}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+                request_id = getattr(msg, "request_id", "")
+                request_id = request_id if isinstance(request_id, str) else ""
+                key = self._key(identity, request_id)
+                self._pending.pop(key, None)
+                if isinstance(msg, GenerateRequest) and key in self.engine.scheduler.requests:
+                    self.engine.abort(key)  # it got in before the failure: nobody would read its tokens
+                self._send(identity, ErrorReply(request_id, f"internal error {error_id}: the request failed "
+                                                            f"(the server's log has the details); the engine "
+                                                            f"serves on"))
 
     # ---- client messages ---------------------------------------------------------------------------------
     def _handle(self, identity: bytes, msg: Any) -> None:

@@ -93,3 +93,47 @@ def test_channels_carry_messages_and_report_gone_clients():
     assert first != second
     first.rmdir()
     second.rmdir()
+
+
+# ---- untrusted frames ------------------------------------------------------------------------------------
+def _nested(depth: int) -> bytes:
+    body = msgpack.packb(["StatsRequest", ["x"]])
+    for _ in range(depth):
+        body = msgpack.packb(["StatsRequest", [msgpack.ExtType(1, body)]])
+    return msgpack.packb([PROTOCOL_VERSION, msgpack.ExtType(1, body)])
+
+
+def test_nesting_deeper_than_any_real_message_is_refused_not_recursed_into():
+    from ipc.codec import MAX_DEPTH
+
+    decode(encode(PLAN))  # the deepest real message (3 levels) is fine
+    for depth in (MAX_DEPTH, 10_000):
+        with pytest.raises(ProtocolError, match="nested"):
+            decode(_nested(depth))
+
+
+def test_a_frame_over_the_limit_is_refused_before_it_is_parsed():
+    frame = encode(PLAN)
+    with pytest.raises(ProtocolError, match="over the limit"):
+        decode(frame, max_bytes=len(frame) - 1)
+
+
+@pytest.mark.parametrize("fields,says", [
+    ({"request_id": 5}, "GenerateRequest.request_id must be a string"),
+    ({"priority": 1.5}, "GenerateRequest.priority must be a 64-bit integer"),
+    ({"priority": True}, "GenerateRequest.priority must be a 64-bit integer"),
+    ({"session_id": [1]}, "GenerateRequest.session_id must be a string or None"),
+    ({"stream": 1}, "GenerateRequest.stream must be true or false"),
+    ({"params": [1, 2]}, "GenerateRequest.params must be a map"),
+])
+def test_checked_decoding_refuses_a_field_of_the_wrong_type(fields, says):
+    from ipc.messages import GenerateRequest
+
+    values = {"request_id": "r", "prompt": "hi", "prompt_token_ids": None, "params": {}, "priority": 0,
+              "tenant": "default", "session_id": None, "stream": True, **fields}
+    body = msgpack.packb(["GenerateRequest", list(values.values())])
+    frame = msgpack.packb([PROTOCOL_VERSION, msgpack.ExtType(1, body)])
+    assert isinstance(decode(frame), GenerateRequest)  # unchecked (internal sockets): built as sent
+    with pytest.raises(ProtocolError, match=says):
+        decode(frame, checked=True)
+    assert decode(encode(PLAN), checked=True) == decode(encode(PLAN))  # every real message passes its checks

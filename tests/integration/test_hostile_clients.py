@@ -1,0 +1,111 @@
+"""Hostile and careless clients against a real ``fs-engine launch``: no frame or field takes the engine down;
+each gets an error that says what is wrong, and a bystander's greedy output is unchanged."""
+
+from __future__ import annotations
+
+import signal
+
+import msgpack
+import pytest
+import zmq
+
+from fs_engine import LLM, SamplingParams
+from fs_engine.client import Client
+from ipc.codec import MAX_DEPTH, decode, encode
+from ipc.messages import PROTOCOL_VERSION, ErrorReply, GenerateRequest
+from tests.launcher import ENGINE_FLAGS, Launched
+
+BYSTANDER = [5, 6, 7, 8, 9, 10]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dirs):
+    return tiny_model_dirs["qwen3"]
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    launched = Launched(model, tmp_path_factory.mktemp("hostile") / "stderr.log")
+    yield launched
+    launched.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def bystander_tokens(model):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    return LLM(model, **ENGINE_FLAGS).generate(BYSTANDER, params)[0].token_ids
+
+
+def reply_to(address: str, payload: bytes, timeout_s: float = 10) -> object:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send(payload)
+        assert sock.poll(int(timeout_s * 1000)), "the frontend did not answer"
+        return decode(sock.recv())
+    finally:
+        sock.close()
+
+
+def assert_still_serving(server, bystander_tokens) -> None:
+    assert server.proc.poll() is None, "the engine died"
+    with Client(server.address, timeout_s=30) as client:
+        result = client.complete(BYSTANDER, max_tokens=12, temperature=0, ignore_eos=True)
+    assert result.token_ids == bystander_tokens
+
+
+def nested(depth: int) -> bytes:
+    """A frame whose message nests ``depth`` messages deep (each an ext value inside the last's fields)."""
+    body = msgpack.packb(["StatsRequest", ["x"]])
+    for _ in range(depth):
+        body = msgpack.packb(["StatsRequest", [msgpack.ExtType(1, body)]])
+    return msgpack.packb([PROTOCOL_VERSION, msgpack.ExtType(1, body)])
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 200, 5000])
+def test_deeply_nested_frames_are_refused_without_a_crash(server, bystander_tokens, depth):
+    reply = reply_to(server.address, nested(depth))
+    assert isinstance(reply, ErrorReply) and "nested" in reply.message
+    assert_still_serving(server, bystander_tokens)
+
+
+def generate(params: dict, **fields) -> bytes:
+    return encode(GenerateRequest("hostile", None, prompt_token_ids=[3, 4, 5], params={"max_tokens": 4, **params},
+                                  **fields))
+
+
+@pytest.mark.parametrize("payload,says", [
+    (generate({"top_k": 2 ** 63}), "top_k"),
+    (generate({"top_k": 2 ** 40}), "top_k"),
+    (generate({"stop_token_ids": [float("inf")]}), "stop_token_ids"),
+    (generate({"stop_token_ids": "abc"}), "stop_token_ids"),
+    (generate({"temperature": float("nan")}), "temperature"),
+    (generate({"seed": -5}), "seed"),
+    (generate({"max_tokens": 2 ** 40}), "max_tokens"),
+    (generate({"stop": ["x"] * 1000}), "stop strings"),
+    (generate({"ignore_eos": "yes"}), "ignore_eos"),
+    (generate({}, session_id=["not", "hashable"]), "session_id"),
+    (generate({}, session_id={"a": 1}), "session_id"),
+    (generate({}, priority=2 ** 62), "priority"),
+    (generate({}, priority=True), "priority"),
+    (generate({}, tenant=7), "tenant"),
+    (generate({}, tenant=""), "tenant"),
+    (generate({}, stream="sometimes"), "stream"),
+])
+def test_one_bad_field_gets_an_error_naming_it_and_the_engine_serves_on(server, bystander_tokens, payload, says):
+    reply = reply_to(server.address, payload)
+    assert isinstance(reply, ErrorReply) and not reply.fatal, reply
+    assert says in reply.message
+    assert_still_serving(server, bystander_tokens)
+
+
+def test_a_frame_over_the_size_limit_is_dropped_and_stalls_nobody(server, bystander_tokens):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.address)
+    try:
+        sock.send(b"\x00" * (40 << 20))  # libzmq cuts the connection at the limit: no reply, no buffering
+        assert_still_serving(server, bystander_tokens)
+    finally:
+        sock.close()
