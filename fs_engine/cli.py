@@ -11,6 +11,7 @@ import sys
 import time
 
 from fs_engine.engine_args import add_engine_args, engine_kwargs
+from ipc.errors import EngineDeadError
 
 DEMO_PROMPTS = (
     "Hello! Who are you?",
@@ -100,8 +101,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if engine_kwargs(args).get("node_rank", 0) > 0:
         return cmd_node(args)
 
+    import zmq
+
     engine = LLMEngine(args.model, multiprocess=True, **engine_kwargs(args))
-    server = FrontendServer(engine, f"tcp://{args.host}:{args.port}")
+    address = f"tcp://{args.host}:{args.port}"
+    try:
+        server = FrontendServer(engine, address)
+    except zmq.ZMQError as e:  # the port is taken (or the host is not this machine's): nothing stays behind
+        engine.shutdown()
+        raise ValueError(f"cannot listen on {address}: {e.strerror}; choose another --port (0: any free one)") from e
     server.install_signal_handlers()
     print(f"fs-engine ready at {server.address} (model {engine.config.model.model}, {engine.arch.architecture}, "
           f"device {engine.executor.device}, {engine.kv.num_blocks} KV blocks, frontend pid {os.getpid()})",
@@ -151,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user mistakes: one clear line, no traceback
         print(f"fs-engine: error: {e}", file=sys.stderr)
         return 2
+    except EngineDeadError as e:  # a child failed at start-up: what failed and its last line (the cause)
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        cause = f": {lines[-1].strip()}" if len(lines) > 1 else ""
+        print(f"fs-engine: error: {lines[0] if lines else e}{cause}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

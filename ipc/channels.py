@@ -11,6 +11,7 @@ Receives take a timeout so that no caller ever blocks forever on a dead peer.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -122,11 +123,45 @@ class Dealer(_Channel):
         return decode(self.socket.recv())
 
 
+RUN_DIR_PREFIX = "fs-engine-"
+OWNER_FILE = "owner.pid"
+
+
 def instance_dir() -> Path:
     """A fresh directory for one engine's ipc:// endpoints (and CPU shared-memory arenas), so that two
-    engines on one machine never share a socket path."""
+    engines on one machine never share a socket path. It names its owner (this process), and making one
+    first removes the directories of owners that are gone (killed with their whole process group, so that
+    nobody was left to clean up): a dead engine's arenas do not hold memory until the next reboot."""
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="fs-engine-", dir=base))
+    reap_run_dirs(Path(base or tempfile.gettempdir()))
+    path = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=base))
+    (path / OWNER_FILE).write_text(str(os.getpid()))
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def reap_run_dirs(base: Path) -> list[Path]:
+    """Remove run directories under ``base`` whose owner process is gone; returns them. A directory without
+    an owner file (or an unreadable one) is left alone: nothing says it is stale."""
+    reaped = []
+    for path in base.glob(RUN_DIR_PREFIX + "*"):
+        try:
+            owner = int((path / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if owner != os.getpid() and not _alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            reaped.append(path)
+    return reaped
 
 
 def ipc_address(run_dir: Path, name: str) -> str:

@@ -153,7 +153,7 @@ class FrontendServer:
             executor = self.engine.executor
             if hasattr(executor, "child_pids"):  # for operators (and tests) watching the processes
                 stats.update(child_pids=executor.child_pids(), worker_pids=list(executor.worker_pids),
-                             swap_pid=executor.swap_pid)
+                             swap_pid=executor.swap_pid, run_dir=str(executor.run_dir))
             return self._send(identity, StatsReply(msg.request_id, stats))
         self._send(identity, ErrorReply("", f"unexpected message {type(msg).__name__} from a client"))
 

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -171,9 +172,9 @@ def test_killing_a_child_fails_every_pending_call_and_leaves_nothing_behind(mode
 
 
 def test_sigterm_shuts_down_cleanly_and_a_killed_frontend_leaves_no_orphans(model, tmp_path):
-    shm_before = run_dirs()
     launched = Launched(model, tmp_path / "a.log", num_gpu_blocks=1024)
-    children = launched.stats()["child_pids"]
+    stats = launched.stats()
+    children, run_dir = stats["child_pids"], Path(stats["run_dir"])  # this engine's own, whatever else runs here
     with Client(launched.address) as client:
         stream = client.generate([4, 5, 6], max_tokens=500, temperature=0, ignore_eos=True)
         next(stream)
@@ -182,13 +183,55 @@ def test_sigterm_shuts_down_cleanly_and_a_killed_frontend_leaves_no_orphans(mode
             for _ in stream:
                 pass
     assert not any(alive(pid) for pid in children)
-    assert run_dirs() <= shm_before
+    assert not run_dir.exists()
 
     launched = Launched(model, tmp_path / "b.log")  # SIGKILL: no chance to clean up, the children must
-    children = launched.stats()["child_pids"]
+    stats = launched.stats()
+    children, run_dir = stats["child_pids"], Path(stats["run_dir"])
     launched.stop(signal.SIGKILL)
     wait_until(lambda: not any(alive(pid) for pid in children), 10, "orphaned children to exit")
-    wait_until(lambda: run_dirs() <= shm_before, 5, "the orphaned run directory to be removed")
+    wait_until(lambda: not run_dir.exists(), 5, "the orphaned run directory to be removed")
+
+
+def test_a_launch_on_a_taken_port_says_so_in_one_line_and_leaves_nothing(model, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.launcher import ROOT
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        before = run_dirs()
+        proc = subprocess.run([sys.executable, "-m", "fs_engine", "launch", "--model", str(model), "--port",
+                               str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on tcp://127.0.0.1:{port}" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert run_dirs() <= before
+
+
+def test_a_run_directory_whose_owner_is_gone_is_reaped_by_the_next_engine(tmp_path):
+    import subprocess
+    import sys
+
+    from ipc.channels import OWNER_FILE, RUN_DIR_PREFIX, reap_run_dirs
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{RUN_DIR_PREFIX}stale"
+    stale.mkdir()
+    (stale / OWNER_FILE).write_text(dead.stdout.strip())
+    (stale / "kv-rank0.bin").write_bytes(b"\0" * 1024)
+    live = tmp_path / f"{RUN_DIR_PREFIX}live"
+    live.mkdir()
+    (live / OWNER_FILE).write_text(str(os.getpid()))
+    unknown = tmp_path / f"{RUN_DIR_PREFIX}unknown"  # no owner file: nothing says it is stale
+    unknown.mkdir()
+    assert reap_run_dirs(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and unknown.exists()
 
 
 def test_an_idle_server_notices_a_dead_child_and_exits_non_zero(model, tmp_path):
