@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 
+from fs_engine.engine.limits import ClientLimits
 from fs_engine.engine_args import add_engine_args, engine_kwargs
 from ipc.errors import EngineDeadError
 
@@ -105,8 +106,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     engine = LLMEngine(args.model, multiprocess=True, **engine_kwargs(args))
     address = f"tcp://{args.host}:{args.port}"
+    limits = ClientLimits(args.max_requests_per_client, args.max_prompt_tokens_per_client, args.max_prompt_bytes,
+                          args.max_queued_messages)
     try:
-        server = FrontendServer(engine, address)
+        server = FrontendServer(engine, address, limits)
     except zmq.ZMQError as e:  # the port is taken (or the host is not this machine's): nothing stays behind
         engine.shutdown()
         raise ValueError(f"cannot listen on {address}: {e.strerror}; choose another --port (0: any free one)") from e
@@ -136,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
     launch.add_argument("--host", default="127.0.0.1", help="address to listen on")
     launch.add_argument("--port", type=int, default=5555, help="port to listen on (0: any free port)")
+    defaults = ClientLimits()
+    launch.add_argument("--max-requests-per-client", type=int, default=defaults.max_requests,
+                        help="requests one client may have in flight (default: %(default)s)")
+    launch.add_argument("--max-prompt-tokens-per-client", type=int, default=defaults.max_prompt_tokens,
+                        help="prompt tokens of one client's requests in flight together (default: %(default)s)")
+    launch.add_argument("--max-prompt-bytes", type=int, default=defaults.max_prompt_bytes,
+                        help="largest text prompt, in UTF-8 bytes (default: %(default)s)")
+    launch.add_argument("--max-queued-messages", type=int, default=defaults.max_queued_messages,
+                        help="messages a client may leave unread before its requests are aborted "
+                             "(default: %(default)s)")
     launch.add_argument("--dry-run", metavar="GPU", choices=("a100", "h100", "h200"), default=None,
                         help="print the per-rank memory plan on GPUs of this kind (80/80/141 GB) and exit: "
                              "weights, activations, KV and host arenas, context-switch bytes and time")

@@ -26,6 +26,10 @@ class PeerGone(ConnectionError):
     """The client this message was for has disconnected."""
 
 
+class PeerBusy(BlockingIOError):
+    """The client's send queue is full (it is not reading): the message was not sent, try again later."""
+
+
 class _Channel:
     def __init__(self, ctx: zmq.Context, kind: int, address: str, bind: bool) -> None:
         self.address = address
@@ -105,8 +109,10 @@ class Router(_Channel):
         try:
             self.socket.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK)
         except zmq.error.ZMQError as e:
-            if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+            if e.errno == zmq.EHOSTUNREACH:
                 raise PeerGone(identity) from e
+            if e.errno == zmq.EAGAIN:  # its queue is full: backpressure, not a disconnect
+                raise PeerBusy(identity) from e
             raise
 
 

@@ -12,6 +12,7 @@ non-zero exit code.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import signal
 import sys
@@ -22,10 +23,11 @@ from typing import Any
 
 import zmq
 
+from fs_engine.engine.limits import ClientLimits
 from fs_engine.engine.llm_engine import LLMEngine
 from fs_engine.request import RequestOutput
 from fs_engine.sampling_params import SamplingParams
-from ipc.channels import PeerGone, Router
+from ipc.channels import PeerBusy, PeerGone, Router
 from ipc.errors import EngineDeadError, ProtocolError
 from ipc.messages import (
     AbortRequest,
@@ -40,6 +42,8 @@ from ipc.messages import (
 )
 
 KEEPALIVE_S = 1.0
+
+
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
@@ -49,18 +53,22 @@ class _Pending:
     client_id: str
     stream: bool
     holdback: int  # trailing characters kept back while they could still start a stop string
+    num_prompt_tokens: int = 0
     tokens_sent: int = 0
     chars_sent: int = 0
     first: bool = True
 
 
 class FrontendServer:
-    def __init__(self, engine: LLMEngine, address: str) -> None:
+    def __init__(self, engine: LLMEngine, address: str, limits: ClientLimits | None = None) -> None:
         self.engine = engine
+        self.limits = limits or ClientLimits()
         self.ctx = zmq.Context()
         self.router = Router(self.ctx, address)
         self.address = self.router.address
         self._pending: dict[str, _Pending] = {}
+        self._load: dict[bytes, list[int]] = {}  # client -> [requests in flight, their prompt tokens]
+        self._outbox: dict[bytes, collections.deque] = {}  # messages a busy client has not taken yet
         self._stop = False
         self._last_keepalive = 0.0
 
@@ -86,6 +94,8 @@ class FrontendServer:
                 if began:
                     self._drain(timeout_s=0)
                 self.engine.end_step()
+                if self._outbox:
+                    self._flush()
                 self._keepalive()
         except EngineDeadError as e:
             print(f"fs-engine: the engine died, shutting down: {e}", file=sys.stderr, flush=True)
@@ -119,7 +129,7 @@ class FrontendServer:
                 request_id = getattr(msg, "request_id", "")
                 request_id = request_id if isinstance(request_id, str) else ""
                 key = self._key(identity, request_id)
-                self._pending.pop(key, None)
+                self._forget(key)
                 if isinstance(msg, GenerateRequest) and key in self.engine.scheduler.requests:
                     self.engine.abort(key)  # it got in before the failure: nobody would read its tokens
                 self._send(identity, ErrorReply(request_id, f"internal error {error_id}: the request failed "
@@ -138,7 +148,7 @@ class FrontendServer:
                 self.engine.abort(key)
             except ValueError as e:
                 return self._send(identity, ErrorReply(msg.request_id, str(e)))
-            pending = self._pending.pop(key, None)
+            pending = self._forget(key)
             if pending is not None:  # the generate call ends, telling why
                 self._send(identity, TokenEvent(msg.request_id, finished=True, finish_reason="abort"))
             return self._send(identity, Ack(msg.request_id))
@@ -175,12 +185,26 @@ class FrontendServer:
                 raise ValueError("priority must be an integer and tenant a string")
             if key in self._pending:
                 raise ValueError(f"request id {msg.request_id!r} is already in use by this client")
+            limits, load = self.limits, self._load.setdefault(identity, [0, 0])
+            if load[0] >= limits.max_requests:
+                raise ValueError(f"this client has {load[0]} requests in flight, the limit "
+                                 f"(max_requests_per_client) is {limits.max_requests}: wait for some to finish")
+            if isinstance(prompt, str) and len(prompt.encode()) > limits.max_prompt_bytes:
+                raise ValueError(f"a prompt of {len(prompt.encode())} bytes is over the limit "
+                                 f"(max_prompt_bytes) of {limits.max_prompt_bytes}")
             self.engine.add_request(key, prompt, params, priority=msg.priority, tenant=msg.tenant,
                                     session_id=msg.session_id)
+            num_prompt = self.engine.scheduler.requests[key].num_prompt_tokens
+            if load[1] + num_prompt > limits.max_prompt_tokens:
+                self.engine.abort(key)
+                raise ValueError(f"this client's requests in flight would hold {load[1] + num_prompt} prompt "
+                                 f"tokens, the limit (max_prompt_tokens_per_client) is {limits.max_prompt_tokens}")
         except (ValueError, TypeError) as e:
             return self._send(identity, ErrorReply(msg.request_id, str(e)))
         holdback = max((len(s) for s in params.stop), default=1) - 1
-        self._pending[key] = _Pending(identity, msg.request_id, msg.stream, holdback)
+        self._pending[key] = _Pending(identity, msg.request_id, msg.stream, holdback, num_prompt)
+        load[0] += 1
+        load[1] += num_prompt
 
     # ---- outputs -----------------------------------------------------------------------------------------
     def _deliver(self, outputs: list[RequestOutput]) -> None:
@@ -189,7 +213,7 @@ class FrontendServer:
             if pending is None:
                 continue
             if out.finished:
-                del self._pending[out.request_id]
+                self._forget(out.request_id)
             if not pending.stream and not out.finished:
                 continue
             # stream: only what is new; text that might still turn into a stop string is held back
@@ -206,16 +230,57 @@ class FrontendServer:
             pending.tokens_sent, pending.chars_sent, pending.first = len(out.token_ids), end, False
             self._send(pending.identity, event)
 
+    def _forget(self, key: str) -> _Pending | None:
+        """The client's request ends (finished, aborted, failed): it no longer counts against its limits."""
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            load = self._load[pending.identity]
+            load[0] -= 1
+            load[1] -= pending.num_prompt_tokens
+            if load[0] == 0:
+                del self._load[pending.identity]
+        return pending
+
     def _send(self, identity: bytes, msg: Any) -> None:
+        """To one client, in order. A client whose queue is full (it is not reading) has its messages kept
+        here until it reads; past ``max_queued_messages`` its requests are aborted (they would only pile up)."""
+        outbox = self._outbox.get(identity)
+        if outbox is not None:
+            outbox.append(msg)
+            if len(outbox) > self.limits.max_queued_messages:
+                del self._outbox[identity]
+                print(f"fs-engine: client {identity.hex()} read none of its last {len(outbox)} messages: "
+                      f"aborting its requests (max_queued_messages)", file=sys.stderr, flush=True)
+                self._client_gone(identity)
+            return
         try:
             self.router.send(identity, msg)
+        except PeerBusy:
+            self._outbox[identity] = collections.deque([msg])
         except PeerGone:
             self._client_gone(identity)
 
+    def _flush(self) -> None:
+        """Send what busy clients have read room for since."""
+        for identity in list(self._outbox):
+            outbox = self._outbox[identity]
+            try:
+                while outbox:
+                    self.router.send(identity, outbox[0])
+                    outbox.popleft()
+            except PeerBusy:
+                continue
+            except PeerGone:
+                del self._outbox[identity]
+                self._client_gone(identity)
+                continue
+            del self._outbox[identity]
+
     def _client_gone(self, identity: bytes) -> None:
-        """The client disconnected: abort its requests so their KV is freed."""
+        """The client disconnected (or stopped reading): abort its requests so their KV is freed."""
+        self._outbox.pop(identity, None)
         for key in [k for k, p in self._pending.items() if p.identity == identity]:
-            del self._pending[key]
+            self._forget(key)
             if key in self.engine.scheduler.requests:
                 self.engine.abort(key)
 
@@ -234,6 +299,7 @@ class FrontendServer:
         for pending in list(self._pending.values()):
             try:
                 self.router.send(pending.identity, ErrorReply(pending.client_id, message, fatal=True))
-            except PeerGone:
+            except (PeerGone, PeerBusy):
                 pass
         self._pending.clear()
+        self._load.clear()

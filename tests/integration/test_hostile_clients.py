@@ -4,6 +4,7 @@ each gets an error that says what is wrong, and a bystander's greedy output is u
 from __future__ import annotations
 
 import signal
+import time
 
 import msgpack
 import pytest
@@ -107,5 +108,70 @@ def test_a_frame_over_the_size_limit_is_dropped_and_stalls_nobody(server, bystan
     try:
         sock.send(b"\x00" * (40 << 20))  # libzmq cuts the connection at the limit: no reply, no buffering
         assert_still_serving(server, bystander_tokens)
+    finally:
+        sock.close()
+
+
+# ---- limits and backpressure -----------------------------------------------------------------------------
+LIMITS = {"max_requests_per_client": 8, "max_prompt_bytes": 2000, "max_queued_messages": 300}
+
+
+@pytest.fixture(scope="module")
+def tight(model, tmp_path_factory):
+    launched = Launched(model, tmp_path_factory.mktemp("tight") / "stderr.log", **LIMITS)
+    yield launched
+    launched.stop(signal.SIGKILL)
+
+
+def raw_client(address: str):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 10)  # a client that does not read fills up fast: few messages in its queue,
+    sock.setsockopt(zmq.RCVBUF, 4096)  # and little room in its kernel buffer
+    sock.connect(address)
+    return sock
+
+
+def test_a_flood_from_one_client_is_refused_past_its_limit_and_others_are_served(tight, bystander_tokens):
+    sock = raw_client(tight.address)
+    try:
+        for i in range(200):
+            sock.send(encode(GenerateRequest(f"f{i}", None, prompt_token_ids=[3, 4, 5, 6],
+                                             params={"max_tokens": 40, "temperature": 0, "ignore_eos": True})))
+        refused = 0
+        deadline = time.monotonic() + 30
+        while refused < 192 and time.monotonic() < deadline:
+            if sock.poll(1000):
+                reply = decode(sock.recv())
+                refused += isinstance(reply, ErrorReply) and "max_requests_per_client" in reply.message
+        assert refused == 192  # 8 in flight, every other one told which limit it hit
+        assert_still_serving(tight, bystander_tokens)
+    finally:
+        sock.close()
+
+
+def test_a_huge_text_prompt_is_refused_before_it_is_tokenized(tight, bystander_tokens):
+    reply = reply_to(tight.address, encode(GenerateRequest("big", "word " * 10_000, params={"max_tokens": 2})))
+    assert isinstance(reply, ErrorReply) and "max_prompt_bytes" in reply.message
+    assert_still_serving(tight, bystander_tokens)
+
+
+def test_a_client_that_reads_late_still_gets_every_token(tight):
+    sock = raw_client(tight.address)
+    try:
+        for i in range(4):
+            sock.send(encode(GenerateRequest(f"late{i}", None, prompt_token_ids=[3, 4, 5, 6 + i],
+                                             params={"max_tokens": 30, "temperature": 0, "ignore_eos": True})))
+        time.sleep(3)  # nothing read meanwhile: its queue fills, which is not a disconnect
+        tokens = {f"late{i}": [] for i in range(4)}
+        done = set()
+        while len(done) < 4:
+            assert sock.poll(30_000), "the stream stalled"
+            event = decode(sock.recv())
+            if type(event).__name__ == "TokenEvent":
+                tokens[event.request_id] += event.token_ids
+                if event.finished:
+                    done.add(event.request_id)
+        assert all(len(t) == 30 for t in tokens.values())
     finally:
         sock.close()

@@ -1,0 +1,89 @@
+"""The frontend's sends to one client: a full queue is backpressure (kept, in order, sent when the client reads),
+never a disconnect; past ``max_queued_messages`` unread, that client's requests are aborted and nobody else's."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from fs_engine.engine.limits import ClientLimits
+from fs_engine.engine.server import FrontendServer, _Pending
+from ipc.channels import PeerBusy, PeerGone
+from ipc.messages import TokenEvent
+
+
+class FakeRouter:
+    """Takes ``room`` messages per client, then raises PeerBusy until ``read`` makes room again."""
+
+    def __init__(self, room: int) -> None:
+        self.room: dict[bytes, int] = {}
+        self.default_room = room
+        self.sent: dict[bytes, list] = {}
+        self.gone: set[bytes] = set()
+
+    def send(self, identity: bytes, msg) -> None:
+        if identity in self.gone:
+            raise PeerGone(identity)
+        if self.room.setdefault(identity, self.default_room) == 0:
+            raise PeerBusy(identity)
+        self.room[identity] -= 1
+        self.sent.setdefault(identity, []).append(msg)
+
+    def read(self, identity: bytes, n: int) -> None:
+        self.room[identity] = self.room.get(identity, 0) + n
+
+    def close(self) -> None:
+        pass
+
+
+def make_server(room: int, max_queued: int):
+    aborted = []
+    requests = {}
+    engine = SimpleNamespace(scheduler=SimpleNamespace(requests=requests), abort=lambda key: aborted.append(key))
+    server = FrontendServer.__new__(FrontendServer)  # no sockets: the send logic alone
+    server.engine, server.limits = engine, ClientLimits(max_queued_messages=max_queued)
+    server.router = FakeRouter(room)
+    server._pending, server._load, server._outbox = {}, {}, {}
+    for client in (b"slow", b"fast"):
+        key = server._key(client, "r")
+        server._pending[key] = _Pending(client, "r", True, 0, 4)
+        server._load[client] = [1, 4]
+        requests[key] = object()
+    return server, aborted
+
+
+def test_a_full_queue_keeps_the_messages_in_order_until_the_client_reads():
+    server, aborted = make_server(room=3, max_queued=100)
+    events = [TokenEvent("r", [i]) for i in range(10)]
+    for event in events:
+        server._send(b"slow", event)
+        server._send(b"fast", event)
+        server.router.read(b"fast", 1)  # this one reads as it goes
+    assert server.router.sent[b"fast"] == events and b"fast" not in server._outbox
+    assert server.router.sent[b"slow"] == events[:3] and len(server._outbox[b"slow"]) == 7
+    server.router.read(b"slow", 4)
+    server._flush()
+    assert server.router.sent[b"slow"] == events[:7]
+    server.router.read(b"slow", 100)
+    server._flush()
+    assert server.router.sent[b"slow"] == events and not server._outbox
+    assert not aborted  # backpressure is not a disconnect
+
+
+def test_past_the_bound_only_the_unread_clients_requests_are_aborted():
+    server, aborted = make_server(room=2, max_queued=5)
+    for i in range(20):
+        server._send(b"slow", TokenEvent("r", [i]))
+        server._send(b"fast", TokenEvent("r", [i]))
+        server.router.read(b"fast", 1)
+    assert aborted == [server._key(b"slow", "r")]
+    assert server._key(b"fast", "r") in server._pending and b"slow" not in server._load
+    assert len(server.router.sent[b"fast"]) == 20
+
+
+def test_a_client_that_disconnects_while_queued_has_its_requests_aborted():
+    server, aborted = make_server(room=1, max_queued=100)
+    server._send(b"slow", TokenEvent("r", [1]))
+    server._send(b"slow", TokenEvent("r", [2]))
+    server.router.gone.add(b"slow")
+    server._flush()
+    assert aborted == [server._key(b"slow", "r")] and not server._outbox
