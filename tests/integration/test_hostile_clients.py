@@ -175,3 +175,44 @@ def test_a_client_that_reads_late_still_gets_every_token(tight):
         assert all(len(t) == 30 for t in tokens.values())
     finally:
         sock.close()
+
+
+def test_a_stream_of_random_frames_leaves_the_engine_serving_and_no_kv_leaked(server, bystander_tokens):
+    import random
+
+    rng = random.Random(14)
+    valid = encode(GenerateRequest("fz", None, prompt_token_ids=[3, 4, 5], params={"max_tokens": 3}))
+    frames = []
+    for i in range(600):
+        kind = i % 4
+        if kind == 0:
+            frames.append(rng.randbytes(rng.randrange(0, 200)))
+        elif kind == 1:
+            frames.append(valid[: rng.randrange(len(valid))])
+        elif kind == 2:
+            mutated = bytearray(valid)
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            frames.append(bytes(mutated))
+        else:
+            frames.append(nested(rng.randrange(1, 300)))
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.address)
+    try:
+        for frame in frames:
+            sock.send(frame)
+        replies, deadline = 0, time.monotonic() + 30
+        while replies < len(frames) and time.monotonic() < deadline:
+            if sock.poll(500):
+                decode(sock.recv())  # every reply is a well-formed message
+                replies += 1
+        assert replies >= len(frames) * 0.9  # (a mutated frame may be a valid request whose events also come)
+    finally:
+        sock.close()
+    assert_still_serving(server, bystander_tokens)
+    deadline = time.monotonic() + 30
+    # (finished turns' write-backs to the CPU store hold their blocks until they land)
+    while ((stats := server.stats())["num_running"] or stats["num_waiting"] or stats["num_swapped"]
+           or stats["num_swaps_in_flight"] or stats["num_free_gpu_blocks"] != stats["num_gpu_blocks"]):
+        assert time.monotonic() < deadline, f"KV blocks leaked: {stats}"
+        time.sleep(0.2)
