@@ -4,7 +4,9 @@ It starts this machine's ranks (``tensor_parallel_size / nnodes`` worker process
 arenas, connected over TCP to the frontend on node 0 (``engine_addresses``), and then only watches them: plans,
 swap commands and shutdown come from the frontend. If one of its processes fails, it tells the frontend (whose
 pending requests then fail with that reason) and stops the others; it exits once they all have, removing its
-run directory. Every machine runs the same engine arguments (the frontend checks), and the model at the same
+run directory; once any of them ends normally (the frontend shut the engine down) it stops the rest, which
+may not have been told (a swap process that connected after the frontend gave up). Every machine runs the
+same engine arguments (the frontend checks), and the model at the same
 path.
 """
 
@@ -53,10 +55,9 @@ def serve_node(config: EngineConfig, arch: ModelArch, max_model_len: int) -> int
               f"{[p.pid for p in procs]})", flush=True)
         while not stop:
             done = [p for p in procs if not p.is_alive()]
-            if done:
+            if done:  # one ended: the engine is shutting down (code 0) or one of ours failed
                 failed = next((p for p in done if p.exitcode != 0), None)
-                if failed is not None or len(done) == len(procs):
-                    break
+                break
             time.sleep(WATCH_S)
         if failed is not None:
             # the process reported its own error if it could; a killed one could not: say which and how
