@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import msgpack
 import pytest
 import zmq
@@ -91,8 +94,9 @@ def test_channels_carry_messages_and_report_gone_clients():
         run_dir.rmdir()
     first, second = instance_dir(), instance_dir()  # every engine gets its own endpoints
     assert first != second
-    first.rmdir()
-    second.rmdir()
+    assert (first / "owner.pid").read_text() == str(os.getpid())  # named, so it can be reaped
+    for path in (first, second):
+        shutil.rmtree(path)
 
 
 # ---- untrusted frames ------------------------------------------------------------------------------------
