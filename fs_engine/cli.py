@@ -53,11 +53,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_dry_run(args: argparse.Namespace) -> int:
-    """``launch --dry-run GPU``: the per-rank memory plan of this launch on that GPU; nothing starts."""
+def _launch_config(args: argparse.Namespace, count_gpus: bool):
+    """(config, model arch, max_model_len) of a launch, checked for its sharding without starting anything;
+    ``count_gpus``: this machine must have a GPU for each of its ranks (else only the shapes must shard)."""
     from fs_engine.config import EngineConfig
     from fs_engine.engine.llm_engine import check_tensor_parallel, resolve_max_model_len, resolve_model_path
-    from fs_engine.engine.memory_plan import memory_plan
     from fs_engine.model_config import load_model_arch
 
     model = resolve_model_path(args.model)
@@ -65,11 +65,21 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     arch = load_model_arch(model)
     tp = config.parallel.tensor_parallel_size
     if tp > 1:
-        check_tensor_parallel(arch, tp, "cpu")  # the GPUs are the plan's, not this machine's
-    max_model_len = resolve_max_model_len(config, arch)
+        device = config.device.device if count_gpus else "cpu"
+        check_tensor_parallel(arch, tp, device, config.parallel.ranks_per_node)
+    return config, arch, resolve_max_model_len(config, arch)
+
+
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    """``launch --dry-run GPU``: the per-rank memory plan of this launch on that GPU; nothing starts."""
+    from fs_engine.engine.memory_plan import memory_plan
+
+    config, arch, max_model_len = _launch_config(args, count_gpus=False)  # the plan's GPUs, not this machine's
+    tp = config.parallel.tensor_parallel_size
     plan = memory_plan(config, arch, max_model_len, args.dry_run)
-    print(f"dry run: {arch.architecture} from {model}, tensor_parallel_size={tp}, max_model_len={max_model_len}, "
-          f"block_size={config.cache.block_size}, gpu_memory_utilization={config.cache.gpu_memory_utilization}")
+    print(f"dry run: {arch.architecture} from {config.model.model}, tensor_parallel_size={tp}, "
+          f"max_model_len={max_model_len}, block_size={config.cache.block_size}, "
+          f"gpu_memory_utilization={config.cache.gpu_memory_utilization}")
     print("\n".join(plan.lines()))
     print(f"engine: {plan.kv_tokens} KV tokens resident on the GPUs, {plan.host_blocks * plan.block_size} in host "
           f"memory; {tp} worker processes + 1 swap process would start")
@@ -78,17 +88,9 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     """``launch --nnodes M --node-rank K`` (K > 0): this machine's ranks of an engine whose frontend is node 0."""
-    from fs_engine.config import EngineConfig
-    from fs_engine.engine.llm_engine import check_tensor_parallel, resolve_max_model_len, resolve_model_path
     from fs_engine.engine.node import serve_node
-    from fs_engine.model_config import load_model_arch
 
-    model = resolve_model_path(args.model)
-    config = EngineConfig.from_kwargs(model=model, **engine_kwargs(args))
-    arch = load_model_arch(model)
-    check_tensor_parallel(arch, config.parallel.tensor_parallel_size, config.device.device,
-                          config.parallel.ranks_per_node)
-    return serve_node(config, arch, resolve_max_model_len(config, arch))
+    return serve_node(*_launch_config(args, count_gpus=True))
 
 
 def cmd_launch(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from fs_engine import LLM, SamplingParams
 from fs_engine.client import Client
 from ipc.codec import MAX_DEPTH, decode, encode
 from ipc.messages import PROTOCOL_VERSION, ErrorReply, GenerateRequest
+from tests.integration.test_launch import raw_request as reply_to
 from tests.launcher import ENGINE_FLAGS, Launched
 
 BYSTANDER = [5, 6, 7, 8, 9, 10]
@@ -35,18 +36,6 @@ def server(model, tmp_path_factory):
 def bystander_tokens(model):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     return LLM(model, **ENGINE_FLAGS).generate(BYSTANDER, params)[0].token_ids
-
-
-def reply_to(address: str, payload: bytes, timeout_s: float = 10) -> object:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
-    try:
-        sock.send(payload)
-        assert sock.poll(int(timeout_s * 1000)), "the frontend did not answer"
-        return decode(sock.recv())
-    finally:
-        sock.close()
 
 
 def assert_still_serving(server, bystander_tokens) -> None:
