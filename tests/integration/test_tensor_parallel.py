@@ -37,6 +37,15 @@ def generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 20, 
     return outputs
 
 
+def stream_all(address: str) -> tuple[list[list[int]], dict]:
+    """Every prompt streamed at once through one client (greedy, 16 tokens), and the server's stats after."""
+    with Client(address, timeout_s=60) as client:
+        streams = [client.generate(p, max_tokens=16, temperature=0, ignore_eos=True, priority=i % 3)
+                   for i, p in enumerate(PROMPTS)]
+        got = [[t for event in stream for t in event.token_ids] for stream in streams]
+        return got, client.stats()
+
+
 @pytest.fixture(scope="module")
 def single_rank(tiny_model_dirs) -> dict[str, dict[str, list[int]]]:
     """The reference: each architecture at tensor_parallel_size=1, in process."""
@@ -92,11 +101,7 @@ def test_launch_with_two_ranks_serves_the_single_rank_tokens(tiny_model_dirs, tm
     expected = [o.token_ids for o in LLM(model, **ARGS).generate(PROMPTS, params)]
     server = Launched(model, tmp_path / "stderr.log", tensor_parallel_size=2)
     try:
-        with Client(server.address, timeout_s=60) as client:
-            streams = [client.generate(p, max_tokens=16, temperature=0, ignore_eos=True, priority=i % 3)
-                       for i, p in enumerate(PROMPTS)]
-            got = [[t for event in stream for t in event.token_ids] for stream in streams]
-            stats = client.stats()
+        got, stats = stream_all(server.address)
         assert got == expected
         assert len(stats["worker_pids"]) == 2
         pids = stats["child_pids"]
@@ -203,11 +208,7 @@ def test_two_launch_commands_are_one_engine_over_two_machines(tiny_model_dirs, t
         assert "running ranks [1]" in node1.stdout.readline()
         server = Launched(model, tmp_path / "node0.log", node_rank=0, **flags)
         try:
-            with Client(server.address, timeout_s=60) as client:
-                streams = [client.generate(p, max_tokens=16, temperature=0, ignore_eos=True, priority=i % 3)
-                           for i, p in enumerate(PROMPTS)]
-                got = [[t for event in stream for t in event.token_ids] for stream in streams]
-                stats = client.stats()
+            got, stats = stream_all(server.address)
             assert got == expected
             assert len(stats["worker_pids"]) == 2 and stats["num_swap_outs"] > 0
         finally:
