@@ -27,6 +27,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"
+    FINISHED_ERROR = "finished_error"  # an internal error while handling this request: it alone failed
 
     # members are singletons, so identity hashing is exact; Enum's own __hash__ (hash of the name, in Python)
     # costs half a microsecond per lookup, and the scheduler looks statuses up for every request every step
@@ -41,12 +42,14 @@ class RequestStatus(enum.Enum):
         return _FINISH_REASONS.get(self)
 
 
-FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
+FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED,
+                      RequestStatus.FINISHED_ERROR})
 _FINISHED = FINISHED
 _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -97,6 +100,7 @@ class Request:
         self.worker_table: list[int] | None = None  # the KV table object the worker's view was last sent from
         self.worker_table_len = 0  # ... and how many of its entries the worker holds
         self._block_hashes: list[int] = []  # chain hashes of token_ids' full blocks, as far as computed
+        self.error: str | None = None  # why it failed (FINISHED_ERROR): a short reason with an error id
 
     @property
     def status(self) -> RequestStatus:
@@ -162,3 +166,4 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the CPU store (an earlier turn) instead of prefill
+    error: str | None = None  # finish_reason "error": what failed, with an id to find it in the server's log

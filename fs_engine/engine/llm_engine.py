@@ -25,6 +25,8 @@ the next one.
 from __future__ import annotations
 
 import itertools
+import logging
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +48,7 @@ from fs_engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 from ipc.messages import StepResult
 
 Prompt = str | list[int]
+logger = logging.getLogger(__name__)
 
 
 def resolve_model_path(model: str | Path | None) -> str:
@@ -148,7 +151,7 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._counters = dict.fromkeys(
             ("num_steps", "num_prompt_tokens", "num_generated_tokens", "num_batched_tokens",
-             "num_finished_requests", "num_aborted_requests", "num_async_plans"), 0
+             "num_finished_requests", "num_aborted_requests", "num_failed_requests", "num_async_plans"), 0
         )
         self._execute_s = 0.0
         self._swap_wait_s = 0.0
@@ -266,6 +269,7 @@ class LLMEngine:
         scheduling a step may be in flight already: the new plan queues behind it."""
         assert len(self._in_flight) < self._max_in_flight, "begin_step with every step slot busy: call end_step"
         plan = self.scheduler.schedule()
+        self._fail_faulted("scheduling")
         self._began = False
         has_work = plan.request_ids or plan.finished_ids or plan.new_requests or plan.swaps
         if not has_work and self._in_flight:  # nothing new while a step runs: that step's end will tell
@@ -308,14 +312,27 @@ class LLMEngine:
             if request.num_output_tokens == 1:
                 self._counters["num_prompt_tokens"] += request.num_prompt_tokens
             self._counters["num_generated_tokens"] += 1
-            self._check_stop(request)
+            try:
+                self._check_stop(request)
+            except Exception as e:  # noqa: BLE001 - one request's fault fails that request, not the engine
+                self._fail(request, e, "checking whether it stops")
             self._unprocessed[request.request_id] = request
+        self._fail_faulted("applying a step's result to")
         self._busy = self.scheduler.has_unfinished()
 
     def take_outputs(self) -> list[RequestOutput]:
         """Outputs of every request that got tokens since the last call (one per request, its latest)."""
         requests, self._unprocessed = self._unprocessed, {}
-        return [self._output(r) for r in requests.values() if r.status is not RequestStatus.FINISHED_ABORTED]
+        outputs = []
+        for request in requests.values():
+            if request.status is RequestStatus.FINISHED_ABORTED:
+                continue
+            try:
+                outputs.append(self._output(request))
+            except Exception as e:  # noqa: BLE001 - one request's fault fails that request, not the engine
+                self._fail(request, e, "detokenizing")
+                outputs.append(self._error_output(self._unprocessed.pop(request.request_id)))
+        return outputs
 
     def _check_stop(self, request: Request) -> None:
         token = request.token_ids[-1]
@@ -336,13 +353,40 @@ class LLMEngine:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish(request, status)
-        key = "num_aborted_requests" if status is RequestStatus.FINISHED_ABORTED else "num_finished_requests"
+        key = {RequestStatus.FINISHED_ABORTED: "num_aborted_requests",
+               RequestStatus.FINISHED_ERROR: "num_failed_requests"}.get(status, "num_finished_requests")
         self._counters[key] += 1
         if status is RequestStatus.FINISHED_ABORTED:
             self._detokenizers.pop(request.request_id, None)
             self._unprocessed.pop(request.request_id, None)
 
+    def _fail_faulted(self, doing: str) -> None:
+        for request, error in self.scheduler.take_faults():
+            self._fail(request, error, doing)
+
+    def _fail(self, request: Request, error: Exception, doing: str) -> None:
+        """Handling ``request`` raised: it alone fails (its KV freed, its caller told why, with an id to find
+        the traceback in the log), and the engine serves on."""
+        error_id = uuid.uuid4().hex[:12]
+        logger.error("internal error %s while %s request %s", error_id, doing, request.request_id, exc_info=error)
+        request.error = (f"internal error {error_id} while {doing} this request: it failed (the server's log "
+                         f"has the details)")
+        if not request.status.finished:
+            self._finish(request, RequestStatus.FINISHED_ERROR)
+        else:  # it had finished (its KV is whole), then its output failed: it counts as failed
+            self._counters["num_finished_requests"] -= 1
+            self._counters["num_failed_requests"] += 1
+        self._detokenizers.pop(request.request_id, None)
+        self._unprocessed[request.request_id] = request  # its caller learns of it with the next outputs
+
+    @staticmethod
+    def _error_output(request: Request) -> RequestOutput:
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                             request.output_token_ids, "", True, "error", request.num_cached_tokens, request.error)
+
     def _output(self, request: Request) -> RequestOutput:
+        if request.error is not None:
+            return self._error_output(request)
         finished = request.status.finished
         detok = (self._detokenizers.pop if finished else self._detokenizers.get)(request.request_id, None)
         if detok is not None and not request.params.stop:  # the text of tokens decoded only now

@@ -214,6 +214,9 @@ class FrontendServer:
                 continue
             if out.finished:
                 self._forget(out.request_id)
+            if out.error is not None:  # an internal error failed this request alone
+                self._send(pending.identity, ErrorReply(pending.client_id, out.error))
+                continue
             if not pending.stream and not out.finished:
                 continue
             # stream: only what is new; text that might still turn into a stop string is held back

@@ -104,6 +104,7 @@ class Scheduler:
         self._release_after_plan: list[str] = []
         self._preempted_now: set[str] = set()
         self._step_id = 0
+        self.faults: list[tuple[Request, Exception]] = []  # see take_faults
         self.num_preemptions = 0
         self.num_swap_outs = 0
         self.num_swap_ins = 0
@@ -251,75 +252,97 @@ class Scheduler:
         # the plan's columns, bound once: a steady decode appends to them inline (below)
         ids, starts, counts, tokens_col = plan.request_ids, plan.start_pos, plan.num_scheduled, plan.token_ids
         samples, table_starts, new_blocks = plan.sample_index, plan.table_start, plan.num_new_blocks
-        for request in self._ranked:
-            if budget <= 0 or len(in_batch) >= max_seqs or (blocked and active_below <= 0):
-                break
-            status = request._status
-            rid = request.request_id
-            if status is S.RUNNING:  # the common case, kept lean: a decode step or the next prompt chunk
-                active_below -= 1
-                computed = request.num_computed_tokens + request.num_inflight_tokens
-                tokens = request.token_ids
-                pending = request.num_pending_tokens  # its token from the step in flight (async scheduling)
-                num_tokens = len(tokens) + pending
-                if pending and self._last_token_pending(request, num_tokens):
-                    continue  # that token ends it: computing one more would be thrown away
-                table = tables[rid]
-                num_blocks = len(table)
-                if (num_tokens == computed + 1 and computed < num_blocks * block_size
-                        and request.worker_table is table and request.worker_table_len == num_blocks):
-                    # a steady decode (its block has room, the worker holds this table whole): ``_add_chunk``
-                    # inlined, which halves the scheduler's time per running request
-                    ids.append(rid)
-                    starts.append(computed)
-                    counts.append(1)
-                    tokens_col.append(PENDING_TOKEN if pending else tokens[computed])
-                    samples.append(num_tokens - request.num_prompt_tokens)
-                    table_starts.append(num_blocks)
-                    new_blocks.append(0)
-                    request.num_inflight_tokens += 1
-                    request.num_pending_tokens = pending + 1
-                    batch.append(request)
-                    in_batch.add(rid)
-                    budget -= 1
-                    continue
-                num_new = min(num_tokens - computed, budget)
-                if computed + num_new > num_blocks * block_size:
-                    grown = self._grow(plan, request, num_new, in_batch)
-                    memory_waiter = memory_waiter or grown == "wait"
-                    if grown != "ok":
-                        continue
+        request = None
+        try:
+            for request in self._ranked:
+                if budget <= 0 or len(in_batch) >= max_seqs or (blocked and active_below <= 0):
+                    break
+                status = request._status
+                rid = request.request_id
+                if status is S.RUNNING:  # the common case, kept lean: a decode step or the next prompt chunk
+                    active_below -= 1
+                    computed = request.num_computed_tokens + request.num_inflight_tokens
+                    tokens = request.token_ids
+                    pending = request.num_pending_tokens  # its token from the step in flight (async scheduling)
+                    num_tokens = len(tokens) + pending
+                    if pending and self._last_token_pending(request, num_tokens):
+                        continue  # that token ends it: computing one more would be thrown away
                     table = tables[rid]
-                self._add_chunk(plan, request, num_new, table)
+                    num_blocks = len(table)
+                    if (num_tokens == computed + 1 and computed < num_blocks * block_size
+                            and request.worker_table is table and request.worker_table_len == num_blocks):
+                        # a steady decode (its block has room, the worker holds this table whole): ``_add_chunk``
+                        # inlined, which halves the scheduler's time per running request
+                        ids.append(rid)
+                        starts.append(computed)
+                        counts.append(1)
+                        tokens_col.append(PENDING_TOKEN if pending else tokens[computed])
+                        samples.append(num_tokens - request.num_prompt_tokens)
+                        table_starts.append(num_blocks)
+                        new_blocks.append(0)
+                        request.num_inflight_tokens += 1
+                        request.num_pending_tokens = pending + 1
+                        batch.append(request)
+                        in_batch.add(rid)
+                        budget -= 1
+                        continue
+                    num_new = min(num_tokens - computed, budget)
+                    if computed + num_new > num_blocks * block_size:
+                        grown = self._grow(plan, request, num_new, in_batch)
+                        memory_waiter = memory_waiter or grown == "wait"
+                        if grown != "ok":
+                            continue
+                        table = tables[rid]
+                    self._add_chunk(plan, request, num_new, table)
+                    in_batch.add(rid)
+                    budget -= num_new
+                    continue
+                if status is S.SWAPPING_OUT or rid in preempted_now:
+                    active_below -= 1
+                if status is S.SWAPPING_OUT:
+                    # rule 6: ranked above everyone waiting for memory, it keeps its device blocks when the copy
+                    # lands; below a waiter, those blocks are promised to the waiter
+                    request.reclaim = not memory_waiter
+                    continue
+                if status is S.SWAPPING_IN:
+                    continue  # rule 3
+                blocked = blocked or rid in preempted_now  # victims do not bounce back
+                if blocked:
+                    continue
+                admitted = self._admit(plan, request, budget, in_batch)
+                if admitted is None:
+                    blocked = memory_waiter = True
+                    continue
+                if not admitted:  # swapping in asynchronously: it runs once the copy lands
+                    continue
+                assert not (request.num_pending_tokens or request.num_inflight_tokens), f"{rid}: admitted mid-step"
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                self._add_chunk(plan, request, num_new, self.kv.block_ids(rid))
                 in_batch.add(rid)
                 budget -= num_new
-                continue
-            if status is S.SWAPPING_OUT or rid in preempted_now:
-                active_below -= 1
-            if status is S.SWAPPING_OUT:
-                # rule 6: ranked above everyone waiting for memory, it keeps its device blocks when the copy
-                # lands; below a waiter, those blocks are promised to the waiter
-                request.reclaim = not memory_waiter
-                continue
-            if status is S.SWAPPING_IN:
-                continue  # rule 3
-            blocked = blocked or rid in preempted_now  # victims do not bounce back
-            if blocked:
-                continue
-            admitted = self._admit(plan, request, budget, in_batch)
-            if admitted is None:
-                blocked = memory_waiter = True
-                continue
-            if not admitted:  # swapping in asynchronously: it runs once the copy lands
-                continue
-            assert not (request.num_pending_tokens or request.num_inflight_tokens), f"{rid}: admitted mid-step"
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            self._add_chunk(plan, request, num_new, self.kv.block_ids(rid))
-            in_batch.add(rid)
-            budget -= num_new
+        except Exception as e:  # noqa: BLE001 - one request's fault fails that request, not the step
+            self._fault(plan, request, e)
         for owner in self._release_after_plan:  # rule 4: no swap-out of this plan may land on these blocks
             self.cpu_store.release(owner)
         return plan
+
+    def _fault(self, plan: StepPlan, request: Request | None, error: Exception) -> None:
+        """Scheduling ``request`` raised: the plan keeps the chunks completed before it (each chunk's request
+        joins the batch last, so the batch says how many), and the engine fails the request (``take_faults``)."""
+        if request is None:
+            raise error
+        n = len(self._batch)
+        for name in ("request_ids", "start_pos", "num_scheduled", "sample_index", "table_start", "num_new_blocks"):
+            del getattr(plan, name)[n:]
+        del plan.token_ids[sum(plan.num_scheduled):]
+        del plan.new_block_ids[sum(plan.num_new_blocks):]
+        self.faults.append((request, error))
+
+    def take_faults(self) -> list[tuple[Request, Exception]]:
+        """Requests whose scheduling or result raised since the last call, with the error: the engine fails
+        them (``RequestStatus.FINISHED_ERROR``) and serves on."""
+        faults, self.faults = self.faults, []
+        return faults
 
     def _last_token_pending(self, request: Request, num_tokens: int) -> bool:
         """The token a step in flight samples for ``request`` is its last by length (``max_tokens`` or
@@ -566,20 +589,23 @@ class Scheduler:
                 request.num_pending_tokens -= 1
             if request._status in FINISHED:  # aborted or stopped while its step ran: the token is dropped
                 continue
-            if request.num_inflight_tokens >= n:  # (else a recompute preemption dropped this chunk's KV)
-                request.num_inflight_tokens -= n
-                request.num_computed_tokens = start + n
-            if request.num_prompt_tokens_served < request.num_prompt_tokens:
-                # service counts prompt tokens the first time they are computed, never recomputation
-                new_prompt = max(0, min(start + n, request.num_prompt_tokens) - request.num_prompt_tokens_served)
-                request.num_prompt_tokens_served += new_prompt
-                if new_prompt and accounts:
-                    self.policy.on_served(request, new_prompt, 0)
-            if sample >= 0:
-                request.token_ids.append(token)
-                if accounts:
-                    self.policy.on_served(request, 0, 1)
-                progressed.append(request)
+            try:  # (free when nothing raises)
+                if request.num_inflight_tokens >= n:  # (else a recompute preemption dropped this chunk's KV)
+                    request.num_inflight_tokens -= n
+                    request.num_computed_tokens = start + n
+                if request.num_prompt_tokens_served < request.num_prompt_tokens:
+                    # service counts prompt tokens the first time they are computed, never recomputation
+                    new_prompt = max(0, min(start + n, request.num_prompt_tokens) - request.num_prompt_tokens_served)
+                    request.num_prompt_tokens_served += new_prompt
+                    if new_prompt and accounts:
+                        self.policy.on_served(request, new_prompt, 0)
+                if sample >= 0:
+                    request.token_ids.append(token)
+                    if accounts:
+                        self.policy.on_served(request, 0, 1)
+                    progressed.append(request)
+            except Exception as e:  # noqa: BLE001 - one request's fault fails that request, not the step
+                self.faults.append((request, e))
         return progressed
 
     def _add_chunk(self, plan: StepPlan, request: Request, num_new: int, table: list[int]) -> None:
