@@ -7,9 +7,11 @@ with the same name in kebab case, and no other.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
+from fs_engine.engine.limits import HELP as LIMITS_HELP
 from fs_engine.engine.limits import ClientLimits
 from fs_engine.engine_args import add_engine_args, engine_kwargs
 from ipc.errors import EngineDeadError
@@ -93,6 +95,41 @@ def cmd_node(args: argparse.Namespace) -> int:
     return serve_node(*_launch_config(args, count_gpus=True))
 
 
+def _launch_keys(args: argparse.Namespace):
+    """(keys, the server's CURVE keys, engine kwargs) of a launch: with a keys file its tenants' weights are the
+    fair-share weights (a tenant also given in --tenant-weights must agree)."""
+    kwargs = engine_kwargs(args)
+    if args.keys is None:
+        if args.server_key is not None:
+            raise ValueError("--server-key without --keys: give the keys file of the clients to admit")
+        return None, None, kwargs
+    if args.server_key is None:
+        raise ValueError("--keys needs the server's own key pair: --server-key server.key_secret "
+                         "(make one with `fs-engine keys DIR server`)")
+    from fs_engine.config import parse_tenant_weights
+    from fs_engine.engine.auth import Keys
+    from ipc.channels import CurveKeys
+
+    keys = Keys.load(args.keys)
+    server_key = CurveKeys.load(args.server_key)
+    weights = dict(parse_tenant_weights(kwargs.get("tenant_weights")))
+    for tenant, weight in keys.weights.items():
+        if weights.setdefault(tenant, weight) != weight:
+            raise ValueError(f"tenant {tenant!r} weighs {weights[tenant]:g} in --tenant-weights and {weight:g} in "
+                             f"the keys file: give it in one place")
+    kwargs["tenant_weights"] = weights
+    return keys, server_key, kwargs
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from fs_engine.engine.auth import make_certificates
+
+    for public, secret in make_certificates(args.directory, args.names):
+        print(f"{public}  (public: list it in the keys file, or give it to clients as the server's key)")
+        print(f"{secret}  (secret: keep it; --server-key, or CurveKeys.load on the client)")
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     import os
 
@@ -106,18 +143,19 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     import zmq
 
-    engine = LLMEngine(args.model, multiprocess=True, **engine_kwargs(args))
+    limits = ClientLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClientLimits)})
+    keys, server_key, kwargs = _launch_keys(args)
+    engine = LLMEngine(args.model, multiprocess=True, **kwargs)
     address = f"tcp://{args.host}:{args.port}"
-    limits = ClientLimits(args.max_requests_per_client, args.max_prompt_tokens_per_client, args.max_prompt_bytes,
-                          args.max_queued_messages)
     try:
-        server = FrontendServer(engine, address, limits)
+        server = FrontendServer(engine, address, limits, keys=keys, server_key=server_key)
     except zmq.ZMQError as e:  # the port is taken (or the host is not this machine's): nothing stays behind
         engine.shutdown()
         raise ValueError(f"cannot listen on {address}: {e.strerror}; choose another --port (0: any free one)") from e
     server.install_signal_handlers()
     print(f"fs-engine ready at {server.address} (model {engine.config.model.model}, {engine.arch.architecture}, "
-          f"device {engine.executor.device}, {engine.kv.num_blocks} KV blocks, frontend pid {os.getpid()})",
+          f"device {engine.executor.device}, {engine.kv.num_blocks} KV blocks, frontend pid {os.getpid()}, "
+          f"run dir {engine.executor.run_dir})",
           flush=True)
     return server.serve()
 
@@ -141,21 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
     launch.add_argument("--host", default="127.0.0.1", help="address to listen on")
     launch.add_argument("--port", type=int, default=5555, help="port to listen on (0: any free port)")
-    defaults = ClientLimits()
-    launch.add_argument("--max-requests-per-client", type=int, default=defaults.max_requests,
-                        help="requests one client may have in flight (default: %(default)s)")
-    launch.add_argument("--max-prompt-tokens-per-client", type=int, default=defaults.max_prompt_tokens,
-                        help="prompt tokens of one client's requests in flight together (default: %(default)s)")
-    launch.add_argument("--max-prompt-bytes", type=int, default=defaults.max_prompt_bytes,
-                        help="largest text prompt, in UTF-8 bytes (default: %(default)s)")
-    launch.add_argument("--max-queued-messages", type=int, default=defaults.max_queued_messages,
-                        help="messages a client may leave unread before its requests are aborted "
-                             "(default: %(default)s)")
+    for f in dataclasses.fields(ClientLimits):
+        launch.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default,
+                            help=f"{LIMITS_HELP[f.name]} (default: %(default)s)")
+    launch.add_argument("--keys", metavar="FILE", default=None,
+                        help="keys file binding client CURVE keys to tenants and weights (fs_engine/engine/auth.py "
+                             "has the format): only listed clients connect, each as its key's tenant; needs "
+                             "--server-key. Without it anyone who reaches the port may claim any tenant")
+    launch.add_argument("--server-key", metavar="FILE", default=None,
+                        help="the server's CURVE certificate (NAME.key_secret from `fs-engine keys`)")
     launch.add_argument("--dry-run", metavar="GPU", choices=("a100", "h100", "h200"), default=None,
                         help="print the per-rank memory plan on GPUs of this kind (80/80/141 GB) and exit: "
                              "weights, activations, KV and host arenas, context-switch bytes and time")
     add_engine_args(launch)
     launch.set_defaults(func=cmd_launch)
+
+    keys = sub.add_parser("keys", allow_abbrev=False,
+                          help="make CURVE key pairs (NAME.key, NAME.key_secret) for --keys and --server-key")
+    keys.add_argument("directory", help="where to write them")
+    keys.add_argument("names", nargs="+", help="one pair per name, e.g. server alice bob")
+    keys.set_defaults(func=cmd_keys)
 
     # listed for --help; main() hands everything after "bench" to fs_engine.bench.cli
     sub.add_parser("bench", add_help=False, help="serving benchmark: generate, run, ablate (fs-engine bench --help)")

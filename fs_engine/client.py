@@ -29,7 +29,6 @@ client stays dead (make a new one). A frame that does not decode, or is no reply
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import operator
 import time
 import uuid
@@ -41,7 +40,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from ipc.channels import Dealer
+from ipc.channels import CurveKeys, Dealer, client_socket_options
 from ipc.codec import decode, encode
 from ipc.errors import EngineDeadError, ProtocolError, RemoteError
 from ipc.messages import (
@@ -109,9 +108,7 @@ def _build_request(prompt: str | list[int], *, max_tokens: int, temperature: flo
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=stop or (), stop_token_ids=stop_token_ids or (), ignore_eos=ignore_eos,
                             skip_special_tokens=skip_special_tokens)
-    wire_params = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
-    wire_params["stop"] = list(params.stop)
-    wire_params["stop_token_ids"] = list(params.stop_token_ids)
+    wire_params = params.wire_fields()
     if isinstance(prompt, str):
         text, token_ids = prompt, None
     else:
@@ -139,10 +136,11 @@ class _Demux:
     """Routing of replies to pending calls, shared by both clients. An inbox receives reply messages and
     exceptions (``put``); the subclass decides what an inbox is (a deque, an asyncio.Queue)."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, curve: CurveKeys | None) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
         self.address = address
+        self._curve = curve
         self.timeout_s = float(timeout_s)
         self._calls: dict[str, Any] = {}  # generate request id -> inbox, until its last event or error
         self._waiters: dict[str, deque] = {}  # request / correlation id -> inboxes of control calls, oldest first
@@ -204,7 +202,9 @@ class _Demux:
         self._fail_all(lambda: EngineDeadError(message))
 
     def _silence(self) -> str:
-        return f"the engine at {self.address} did not answer within {self.timeout_s:g} s"
+        hint = (" (a frontend that authenticates clients never answers one whose key it does not list: check "
+                "the keys)" if self._curve is not None else "")
+        return f"the engine at {self.address} did not answer within {self.timeout_s:g} s{hint}"
 
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, TokenEvent):
@@ -289,11 +289,13 @@ class Client(_Demux):
     """Synchronous client of one frontend. Not thread-safe: one Client per thread (a client owns one socket,
     and whichever call is waiting reads replies for every request of the client)."""
 
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
-        super().__init__(address, timeout_s)
+    def __init__(self, address: str, timeout_s: float = 30.0, curve: CurveKeys | None = None) -> None:
+        """``curve``: this client's key pair and the server's public key, for a frontend launched with
+        ``--keys`` (``CurveKeys.load(client.key_secret, server.key)``)."""
+        super().__init__(address, timeout_s, curve)
         self._ctx = zmq.Context()
         try:
-            self._dealer = Dealer(self._ctx, address)
+            self._dealer = Dealer(self._ctx, address, curve)
         except zmq.ZMQError as e:
             self._ctx.destroy(linger=0)  # also closes the socket Dealer had opened
             raise ValueError(f"cannot connect to {address!r}: {e} (expected e.g. tcp://127.0.0.1:5555)") from e
@@ -463,12 +465,13 @@ class AsyncClient(_Demux):
     """asyncio client of one frontend; any number of tasks of one event loop may use it at once. One
     background task reads the socket and files every reply into the inbox (an asyncio.Queue) of its call."""
 
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
-        super().__init__(address, timeout_s)
+    def __init__(self, address: str, timeout_s: float = 30.0, curve: CurveKeys | None = None) -> None:
+        super().__init__(address, timeout_s, curve)
         self._ctx = zmq.asyncio.Context()
         self._socket = self._ctx.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         try:
+            client_socket_options(self._socket, curve)
             self._socket.connect(address)
         except zmq.ZMQError as e:
             self._ctx.destroy(linger=0)

@@ -102,7 +102,7 @@ class CacheConfig:
                "must be in (0, 1]")
 
 
-def _parse_weights(value: Any) -> tuple[tuple[str, float], ...]:
+def parse_tenant_weights(value: Any) -> tuple[tuple[str, float], ...]:
     """'a=3,b=1', a dict or pairs -> sorted ((tenant, weight), ...) with every weight > 0."""
     if value is None or value == "":
         return ()
@@ -169,7 +169,7 @@ class SchedulerConfig:
                f"choose one of {PREEMPTION_MODES}")
         check_value(self.preemption_cooldown_steps >= 0, "preemption_cooldown_steps", self.preemption_cooldown_steps,
                "must be >= 0")
-        object.__setattr__(self, "tenant_weights", _parse_weights(self.tenant_weights))
+        object.__setattr__(self, "tenant_weights", parse_tenant_weights(self.tenant_weights))
         check_value(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
         check_value(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens,
                "must be >= 1")

@@ -1,80 +1,97 @@
-"""Per-request generation settings, validated where the user hands them in."""
+"""Per-request generation settings: one definition, validated where the user hands them in.
+
+``SamplingParams`` is a pydantic model, so the same field types and ranges check what the offline API, the
+client SDK (before anything is sent), the frontend (every client's request) and an HTTP front end receive.
+The ranges are what the worker and torch accept: counts, token ids and ``top_k`` travel as int32; floats are
+finite; stop rules are bounded because every one of them is matched against the request's text every step.
+"""
 
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import BeforeValidator, Field, StringConstraints
 
 from ipc.messages import SamplingSpec
 
-
 INT32_MAX = (1 << 31) - 1  # token ids, counts and top_k travel as int32 to the worker
 MAX_TEMPERATURE = 1e4
-MAX_STOP_STRINGS = 64  # each is matched against every request's new text every step (OpenAI allows 4)
+MAX_STOP_STRINGS = 64  # a server may allow fewer (fs-engine launch --max-stop-strings)
 MAX_STOP_LENGTH = 1024
 MAX_STOP_TOKEN_IDS = 1024
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's ints too
+def _integer(value: Any) -> Any:
+    """Integers of any kind (numpy's too) as int; anything else (bools, floats, text) is left to be refused."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def _as_tuple(value: Any) -> Any:
+    """A single stop string is one stop string (not its characters); lists become tuples (hashable)."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value) if isinstance(value, list) else value
 
 
-@dataclass(frozen=True)
-class SamplingParams:
+StrictInt = Annotated[int, BeforeValidator(_integer), pydantic.Strict()]
+Count = Annotated[StrictInt, Field(ge=1, le=INT32_MAX)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
+Number = Annotated[float, pydantic.Strict(), Field(allow_inf_nan=False)]
+StopString = Annotated[str, pydantic.Strict(), StringConstraints(min_length=1, max_length=MAX_STOP_LENGTH)]
+
+
+class SamplingParams(pydantic.BaseModel):
     """How one request samples and when it stops.
 
     ``temperature=0`` is greedy decoding. ``top_k=0`` and ``top_p=1`` disable those filters. ``seed`` makes
     a sampled request reproducible whatever else is batched with it. Generation stops at the model's eos
     (unless ``ignore_eos``), at any of ``stop_token_ids``, when the text contains one of ``stop`` (the text
     is cut before it), after ``max_tokens`` tokens, or at the engine's context limit.
+
+    Invalid values raise ``ValueError`` naming the field, in one line.
     """
 
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        # accept lists and a single string the way users pass them, store tuples (hashable, immutable)
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        if not isinstance(self.stop, (list, tuple)) or not isinstance(self.stop_token_ids, (list, tuple)):
-            raise ValueError(f"stop and stop_token_ids must be lists, got {self.stop!r:.80} and "
-                             f"{self.stop_token_ids!r:.80}")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) if _is_int(t) else t for t in self.stop_token_ids))
-        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX:
-            raise ValueError(f"max_tokens must be an integer in [1, {INT32_MAX}], got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:  # rejects NaN, inf
-            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}] (0 = greedy), got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or not 0 <= self.top_k <= INT32_MAX:
-            raise ValueError(f"top_k must be an integer in [0, {INT32_MAX}] (0 = disabled), got {self.top_k!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 1 << 63):
-            raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
-        if any(not _is_int(t) or not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be token ids (integers in [0, {INT32_MAX}]), "
-                             f"got {self.stop_token_ids!r:.80}")
-        if len(self.stop) > MAX_STOP_STRINGS or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings and {MAX_STOP_TOKEN_IDS} stop_token_ids, "
-                             f"got {len(self.stop)} and {len(self.stop_token_ids)}")
-        if any(not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_LENGTH for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings of at most {MAX_STOP_LENGTH} characters, "
-                             f"got {self.stop!r:.80}")
-        if not isinstance(self.ignore_eos, bool) or not isinstance(self.skip_special_tokens, bool):
-            raise ValueError("ignore_eos and skip_special_tokens must be true or false")
+    max_tokens: Count = 16
+    temperature: Annotated[Number, Field(ge=0, le=MAX_TEMPERATURE)] = 1.0
+    top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[StrictInt, Field(ge=0, le=INT32_MAX)] = 0  # 0 = disabled
+    seed: Annotated[StrictInt, Field(ge=0, lt=1 << 63)] | None = None
+    stop: Annotated[tuple[StopString, ...], BeforeValidator(_as_tuple), Field(max_length=MAX_STOP_STRINGS)] = ()
+    stop_token_ids: Annotated[tuple[TokenId, ...], BeforeValidator(_as_tuple),
+                              Field(max_length=MAX_STOP_TOKEN_IDS)] = ()
+    ignore_eos: Annotated[bool, pydantic.Strict()] = False
+    skip_special_tokens: Annotated[bool, pydantic.Strict()] = True
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except pydantic.ValidationError as e:
+            raise ValueError(describe(e)) from None
 
     def to_spec(self) -> SamplingSpec:
         return SamplingSpec(
             temperature=float(self.temperature), top_p=float(self.top_p), top_k=self.top_k, seed=self.seed
         )
+
+    def wire_fields(self) -> dict[str, Any]:
+        """The fields a client sends (``GenerateRequest.params``): every one, lists for tuples."""
+        return {name: list(v) if isinstance(v, tuple) else v for name, v in self}
+
+
+SAMPLING_FIELDS = frozenset(SamplingParams.model_fields)
+
+
+def describe(error: pydantic.ValidationError) -> str:
+    """A validation error in one line: each bad field, what it must be and what it got."""
+    parts = []
+    for e in error.errors(include_url=False):
+        field = ".".join(str(p) for p in e["loc"]) or "sampling parameters"
+        got = "" if e["type"] == "missing" else f", got {e['input']!r:.60}"
+        parts.append(f"{field}: {e['msg'][0].lower()}{e['msg'][1:]}{got}")
+    return "; ".join(parts)

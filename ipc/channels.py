@@ -5,14 +5,27 @@
   is ``ROUTER_MANDATORY``: sending to a client that has gone away raises ``PeerGone`` instead of dropping
   the message silently, which is how the frontend learns a client disconnected mid-stream.
 
+Client identities. A client's routing id is how the frontend tells its requests from everyone else's, so
+nobody may guess or take another's. SDK clients pick 16 random bytes (``new_routing_id``); libzmq refuses a
+second connection that claims a routing id in use. Clients that set none are numbered by libzmq from a
+counter that libc's ``rand()`` starts, which nothing seeds: every process would hand out the same ids from
+the same start, and a client that claimed the next one made libzmq abort (an assertion) when the client it
+belonged to connected. The router seeds ``rand()`` from the OS first, so that start is unguessable, and no
+reply ever names a routing id. With CURVE (``CurveKeys``) the frontend also knows which key each message
+came from (``Router.last_user_id``), checked by ``zmq.auth`` against the keys the operator lists.
+
 Receives take a timeout so that no caller ever blocks forever on a dead peer.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +44,24 @@ class PeerBusy(BlockingIOError):
 
 
 class _Channel:
-    def __init__(self, ctx: zmq.Context, kind: int, address: str, bind: bool) -> None:
+    def __init__(self, ctx: zmq.Context, kind: int, address: str, bind: bool,
+                 configure: Callable[[zmq.Socket], None] | None = None) -> None:
+        """``configure`` sets what must be set before the socket binds or connects (security, identity)."""
         self.address = address
         self.socket = ctx.socket(kind)
         self.socket.setsockopt(zmq.LINGER, 0)
-        if bind:
-            self.socket.bind(address)
-            if address.startswith("tcp://") and address.endswith(":0"):
-                self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:
-            self.socket.connect(address)
+        try:
+            if configure is not None:
+                configure(self.socket)
+            if bind:
+                self.socket.bind(address)
+                if address.startswith("tcp://") and address.endswith(":0"):
+                    self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            else:
+                self.socket.connect(address)
+        except BaseException:
+            self.socket.close(linger=0)  # a port in use, a bad address: no socket left open
+            raise
 
     def poll(self, timeout_s: float | None) -> bool:
         return bool(self.socket.poll(None if timeout_s is None else int(timeout_s * 1000)))
@@ -80,28 +101,96 @@ class Puller(_Channel):
 
 
 MAX_CLIENT_FRAME_BYTES = 16 << 20  # a client frame over this is refused by libzmq before it is buffered
+ZAP_DOMAIN = b"fs-engine"
+
+
+def new_routing_id() -> bytes:
+    """A client's own routing id: 16 random bytes, the first never zero (libzmq keeps those for the ids it
+    numbers itself), so that no other client can guess it or collide with it."""
+    return bytes([1 + secrets.randbelow(255)]) + secrets.token_bytes(15)
+
+
+def _seed_routing_ids() -> None:
+    """Start libzmq's routing-id counter (libc ``rand()``) somewhere unguessable (see the module docstring)."""
+    try:
+        ctypes.CDLL(None).srand(int.from_bytes(os.urandom(4), "little"))
+    except (OSError, AttributeError):  # no C library to seed (not a POSIX system): its ids stay as they are
+        pass
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """A CURVE key pair (Z85 text, as ``zmq.auth.create_certificates`` writes them) and, for a client, the
+    server's public key. ``fs-engine keys`` makes certificate files; ``load`` reads them."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes | None = None
+
+    @classmethod
+    def load(cls, secret_file: str | Path, server_public_file: str | Path | None = None) -> CurveKeys:
+        import zmq.auth
+
+        try:
+            public, secret = zmq.auth.load_certificate(str(secret_file))
+            server = zmq.auth.load_certificate(str(server_public_file))[0] if server_public_file else None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read a CURVE certificate: {e} (make one with `fs-engine keys`)") from e
+        if secret is None:
+            raise ValueError(f"{secret_file} holds no secret key: pass the .key_secret file of the pair")
+        return cls(public, secret, server)
+
+    def apply_client(self, socket: zmq.Socket) -> None:
+        if self.server_public is None:
+            raise ValueError("a CURVE client needs the server's public key")
+        socket.curve_secretkey, socket.curve_publickey = self.secret, self.public
+        socket.curve_serverkey = self.server_public
+
+
+def client_socket_options(socket: zmq.Socket, curve: CurveKeys | None = None) -> None:
+    """What every client socket sets before it connects: its own unguessable routing id and, for a frontend
+    that authenticates clients, its CURVE keys."""
+    socket.setsockopt(zmq.ROUTING_ID, new_routing_id())
+    if curve is not None:
+        curve.apply_client(socket)
 
 
 class Router(_Channel):
-    def __init__(self, ctx: zmq.Context, address: str, max_frame_bytes: int = MAX_CLIENT_FRAME_BYTES) -> None:
-        super().__init__(ctx, zmq.ROUTER, address, bind=True)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    """``curve``: the server's key pair; then only clients whose keys ``zmq.auth`` accepts (an authenticator
+    the caller starts on the same context) can connect, and ``last_user_id`` names the key of the message
+    ``recv`` returned last."""
+
+    def __init__(self, ctx: zmq.Context, address: str, max_frame_bytes: int = MAX_CLIENT_FRAME_BYTES,
+                 curve: CurveKeys | None = None) -> None:
+        _seed_routing_ids()
+        self.curve = curve
+        self.last_user_id: str | None = None
+        self.max_frame_bytes = max_frame_bytes
+        super().__init__(ctx, zmq.ROUTER, address, bind=True, configure=self._configure)
+
+    def _configure(self, socket: zmq.Socket) -> None:
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # a peer that sends more is disconnected by libzmq at once: an oversized frame is never read in full
         # (and so never stalls the engine loop); a client's frames are decoded with every field checked
-        self.socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
-        self.max_frame_bytes = max_frame_bytes
+        socket.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
+        if self.curve is not None:
+            socket.curve_server = True
+            socket.curve_secretkey, socket.curve_publickey = self.curve.secret, self.curve.public
+            socket.zap_domain = ZAP_DOMAIN
 
     def recv(self, timeout_s: float | None = 0) -> tuple[bytes, Any] | None:
         """(client identity, message or ProtocolError) or None. A malformed frame is returned as the error
         so the caller can answer that client and keep serving the others."""
         if not self.poll(timeout_s):
             return None
-        frames = self.socket.recv_multipart()
-        identity, payload = frames[0], frames[-1]
+        frames = self.socket.recv_multipart(copy=False)
+        identity, payload = frames[0].bytes, frames[-1]
+        if self.curve is not None:
+            self.last_user_id = payload.get("User-Id")
         if len(frames) != 2:
             return identity, ProtocolError(f"expected one message frame, got {len(frames) - 1}")
         try:
-            return identity, decode(payload, checked=True, max_bytes=self.max_frame_bytes)
+            return identity, decode(payload.bytes, checked=True, max_bytes=self.max_frame_bytes)
         except ProtocolError as e:
             return identity, e
 
@@ -117,8 +206,9 @@ class Router(_Channel):
 
 
 class Dealer(_Channel):
-    def __init__(self, ctx: zmq.Context, address: str) -> None:
-        super().__init__(ctx, zmq.DEALER, address, bind=False)
+    def __init__(self, ctx: zmq.Context, address: str, curve: CurveKeys | None = None) -> None:
+        super().__init__(ctx, zmq.DEALER, address, bind=False,
+                         configure=lambda socket: client_socket_options(socket, curve))
 
     def send(self, msg: Any) -> None:
         self.socket.send(encode(msg))
@@ -131,6 +221,7 @@ class Dealer(_Channel):
 
 RUN_DIR_PREFIX = "fs-engine-"
 OWNER_FILE = "owner.pid"
+PROCESSES_FILE = "processes.json"  # the engine's process ids: {"frontend", "workers", "swap", "children"}
 
 
 def instance_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import selectors
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from fs_engine.client import Client
+from ipc.channels import PROCESSES_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
-READY = re.compile(r"fs-engine ready at (tcp://\S+) .*frontend pid (\d+)")
+READY = re.compile(r"fs-engine ready at (tcp://\S+) .*frontend pid (\d+), run dir (\S+)\)")
 # tight memory and priority scheduling, so the served requests are preempted and swapped through the swap process
 ENGINE_FLAGS = {"block_size": 4, "num_gpu_blocks": 48, "policy": "priority", "preemption_cooldown_steps": 1}
 
@@ -35,6 +37,11 @@ class Launched:
         assert match, f"unexpected ready line {line!r}"
         self.address = match.group(1)
         assert int(match.group(2)) == self.proc.pid
+        self.run_dir = Path(match.group(3))  # this engine's own, whatever else runs on the machine
+
+    def processes(self) -> dict:
+        """{"frontend": pid, "workers": [pids], "swap": pid, "children": [pids]} (its run directory's)."""
+        return json.loads((self.run_dir / PROCESSES_FILE).read_text())
 
     def _ready_line(self, timeout_s: float) -> str:
         selector = selectors.DefaultSelector()

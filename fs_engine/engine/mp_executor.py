@@ -20,7 +20,9 @@ that reports ``ProcessFailed``) raises ``EngineDeadError`` within about a second
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
 import shutil
 import socket
 import time
@@ -34,7 +36,7 @@ from fs_engine.config import EngineConfig, ParallelConfig
 from fs_engine.engine.swaps import PlanInFlight, ProcessSwaps, finish_plan, start_plan
 from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
-from ipc.channels import Puller, Pusher, instance_dir, ipc_address
+from ipc.channels import PROCESSES_FILE, Puller, Pusher, instance_dir, ipc_address
 from ipc.codec import encode
 from ipc.errors import EngineDeadError
 from ipc.messages import OpenArenas, ProcessFailed, Shutdown, StepPlan, StepResult, SwapReady, WorkerReady
@@ -148,6 +150,11 @@ class MultiprocExecutor:
         assert all(isinstance(r, SwapReady) for r in readies), readies
         swap_pids = [r.pid for r in readies]
         self.swap_pid = swap_pids[0]  # (each machine has one: this is the frontend's machine's, or the first)
+        # for operators (and tests) watching the processes: in the run directory, which only this user can read,
+        # not in stats(), which any client can ask for
+        (self.run_dir / PROCESSES_FILE).write_text(json.dumps(
+            {"frontend": os.getpid(), "workers": self.worker_pids, "swap": self.swap_pid,
+             "children": self.child_pids()}))
 
     # ---- waiting on children -----------------------------------------------------------------------------
     def _check_children(self) -> None:

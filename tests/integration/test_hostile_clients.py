@@ -3,6 +3,7 @@ each gets an error that says what is wrong, and a bystander's greedy output is u
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -12,8 +13,10 @@ import zmq
 
 from fs_engine import LLM, SamplingParams
 from fs_engine.client import Client
+from ipc.channels import CurveKeys
 from ipc.codec import MAX_DEPTH, decode, encode
-from ipc.messages import PROTOCOL_VERSION, ErrorReply, GenerateRequest
+from ipc.errors import EngineDeadError, RemoteError
+from ipc.messages import PROTOCOL_VERSION, AbortRequest, ErrorReply, GenerateRequest, StatsRequest
 from tests.integration.test_launch import raw_request as reply_to
 from tests.launcher import ENGINE_FLAGS, Launched
 
@@ -73,7 +76,7 @@ def generate(params: dict, **fields) -> bytes:
     (generate({"temperature": float("nan")}), "temperature"),
     (generate({"seed": -5}), "seed"),
     (generate({"max_tokens": 2 ** 40}), "max_tokens"),
-    (generate({"stop": ["x"] * 1000}), "stop strings"),
+    (generate({"stop": ["x"] * 1000}), "stop"),
     (generate({"ignore_eos": "yes"}), "ignore_eos"),
     (generate({}, session_id=["not", "hashable"]), "session_id"),
     (generate({}, session_id={"a": 1}), "session_id"),
@@ -205,3 +208,212 @@ def test_a_stream_of_random_frames_leaves_the_engine_serving_and_no_kv_leaked(se
            or stats["num_swaps_in_flight"] or stats["num_free_gpu_blocks"] != stats["num_gpu_blocks"]):
         assert time.monotonic() < deadline, f"KV blocks leaked: {stats}"
         time.sleep(0.2)
+
+
+def test_tenant_and_stop_string_limits_name_the_limit(model, tmp_path, bystander_tokens):
+    launched = Launched(model, tmp_path / "stderr.log", num_gpu_blocks=1024, max_requests_per_tenant=3, max_stop_strings=2,
+                        max_stop_length=8)
+    try:
+        clients = [Client(launched.address, timeout_s=30) for _ in range(2)]
+        streams = [clients[i % 2].generate([3, 4, 5], max_tokens=200, ignore_eos=True, tenant="acme")
+                   for i in range(3)]
+        for stream in streams:
+            next(stream)
+        with pytest.raises(RemoteError, match="max_requests_per_tenant"):
+            clients[1].complete([3, 4], max_tokens=2, tenant="acme")  # another client, the same tenant
+        assert clients[1].complete([3, 4], max_tokens=2, tenant="other").token_ids  # another tenant: served
+        with pytest.raises(RemoteError, match="max_stop_strings"):
+            clients[0].complete([3, 4], max_tokens=2, stop=["a", "b", "c"], tenant="x")
+        with pytest.raises(RemoteError, match="max_stop_length"):
+            clients[0].complete([3, 4], max_tokens=2, stop=["a" * 9], tenant="x")
+        for stream in streams:
+            stream.close()
+        for c in clients:
+            c.close()
+        assert_still_serving(launched, bystander_tokens)
+    finally:
+        launched.stop(signal.SIGKILL)
+
+
+# ---- identities and authentication -----------------------------------------------------------------------
+LIBZMQ_FIRST_ID = 0x6B8B4567  # the routing id libzmq numbers its first client with when rand() is unseeded
+
+
+def test_clients_claiming_the_next_routing_ids_cannot_crash_the_engine(server, bystander_tokens):
+    """The attack that made libzmq abort: claim the ids it would give the next clients, then connect one."""
+    ctx = zmq.Context.instance()
+    claimers = []
+    try:
+        for k in range(64):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTING_ID, b"\0" + (LIBZMQ_FIRST_ID + k).to_bytes(4, "big"))
+            sock.connect(server.address)
+            sock.send(encode(StatsRequest(f"s{k}")))
+            claimers.append(sock)
+        for sock in claimers:
+            assert sock.poll(10_000)
+            sock.recv()
+        for _ in range(8):  # clients that set no id of their own: numbered by libzmq
+            reply = reply_to(server.address, encode(StatsRequest("plain")))
+            assert type(reply).__name__ == "StatsReply"
+        assert_still_serving(server, bystander_tokens)
+    finally:
+        for sock in claimers:
+            sock.close()
+
+
+def test_a_client_claiming_a_live_clients_routing_id_is_ignored(server, bystander_tokens):
+    with Client(server.address, timeout_s=30) as client:
+        own_id = client._dealer.socket.getsockopt(zmq.ROUTING_ID)
+        assert len(own_id) == 16 and own_id[0] != 0  # unguessable, outside libzmq's own numbering
+        stream = client.generate(BYSTANDER, max_tokens=12, temperature=0, ignore_eos=True, request_id="mine")
+        first = next(stream)
+        spoof = zmq.Context.instance().socket(zmq.DEALER)
+        spoof.setsockopt(zmq.LINGER, 0)
+        spoof.setsockopt(zmq.ROUTING_ID, own_id)
+        spoof.connect(server.address)
+        try:
+            spoof.send(encode(AbortRequest("mine")))
+            assert not spoof.poll(1000)  # libzmq refused the second connection with that id
+            tokens = first.token_ids + [t for ev in stream for t in ev.token_ids]
+        finally:
+            spoof.close()
+    assert tokens == bystander_tokens
+
+
+def test_no_reply_names_a_routing_id(server):
+    for payload in (b"\x00garbage", encode(GenerateRequest("x", None, prompt_token_ids=[3], params={"top_k": -1}))):
+        reply = reply_to(server.address, payload)
+        assert isinstance(reply, ErrorReply) and not any(len(w) >= 10 and all(c in "0123456789abcdef" for c in w)
+                                                         for w in reply.message.replace("/", " ").split())
+    stats = reply_to(server.address, encode(StatsRequest("s"))).stats
+    assert not {"child_pids", "worker_pids", "swap_pid", "run_dir"} & stats.keys()  # not for any client
+
+
+@pytest.fixture(scope="module")
+def keyed(model, tmp_path_factory):
+    """A launch that admits only two listed CURVE keys: alice's (weight 3) and bob's."""
+    from fs_engine.engine.auth import make_certificates
+
+    keys_dir = tmp_path_factory.mktemp("keys")
+    make_certificates(keys_dir, ["server", "alice", "bob", "mallory"])
+    (keys_dir / "keys.json").write_text(json.dumps({"tenants": {
+        "alice": {"weight": 3, "curve_keys": ["alice.key"]},
+        "bob": {"curve_keys": ["bob.key"]},
+    }}))
+    launched = Launched(model, tmp_path_factory.mktemp("keyed") / "stderr.log", keys=keys_dir / "keys.json",
+                        server_key=keys_dir / "server.key_secret", policy="vtc")
+    yield launched, keys_dir
+    launched.stop(signal.SIGKILL)
+
+
+def _curve(keys_dir, name: str) -> CurveKeys:
+    return CurveKeys.load(keys_dir / f"{name}.key_secret", keys_dir / "server.key")
+
+
+def test_with_keys_a_client_runs_as_its_keys_tenant_and_may_not_claim_another(keyed, bystander_tokens):
+    launched, keys_dir = keyed
+    with Client(launched.address, timeout_s=30, curve=_curve(keys_dir, "alice")) as alice:
+        assert alice.complete(BYSTANDER, max_tokens=12, temperature=0, ignore_eos=True).token_ids == bystander_tokens
+        assert alice.complete(BYSTANDER, max_tokens=2, tenant="alice").token_ids
+        with pytest.raises(RemoteError, match="belongs to tenant 'alice'.*may not send requests as 'bob'"):
+            alice.complete(BYSTANDER, max_tokens=2, tenant="bob")
+        stats = alice.stats()
+    assert stats["vtc_service_alice"] > 0 and "vtc_service_bob" not in stats  # served as alice, never as bob
+
+
+@pytest.mark.parametrize("who", ["mallory", "no key"])
+def test_with_keys_an_unlisted_client_gets_nothing_and_the_engine_serves_on(keyed, bystander_tokens, who):
+    launched, keys_dir = keyed
+    curve = _curve(keys_dir, who) if who != "no key" else None
+    with Client(launched.address, timeout_s=2, curve=curve) as intruder:
+        with pytest.raises(EngineDeadError, match="did not answer"):
+            intruder.complete(BYSTANDER, max_tokens=2, tenant="alice")
+    with Client(launched.address, timeout_s=30, curve=_curve(keys_dir, "bob")) as bob:
+        assert bob.complete(BYSTANDER, max_tokens=12, temperature=0, ignore_eos=True).token_ids == bystander_tokens
+    assert launched.proc.poll() is None
+
+
+def test_a_bad_keys_file_is_one_line_naming_the_field(model, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.launcher import ROOT
+
+    (tmp_path / "keys.json").write_text(json.dumps({"tenants": {"alice": {"weight": -1, "curve_keys": ["x"]}}}))
+    proc = subprocess.run([sys.executable, "-m", "fs_engine", "launch", "--model", str(model), "--port", "0",
+                           "--keys", str(tmp_path / "keys.json"), "--server-key", str(tmp_path / "none")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "tenants.alice.weight" in proc.stderr, proc.stderr
+
+
+def test_a_long_text_prompt_is_tokenized_off_the_engine_loop(model, tmp_path):
+    """Tokenizing ~1 MB of text takes about a second: a bystander's stream must not stall for it."""
+    from fs_engine.tokenizer import load_tokenizer
+
+    text = "fair share " * 90_000  # under max_prompt_bytes, far over max_model_len once tokenized
+    start = time.perf_counter()
+    load_tokenizer(model)(text)
+    tokenize_s = time.perf_counter() - start
+    server = Launched(model, tmp_path / "stderr.log", num_gpu_blocks=1024)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.address)
+    gaps = []
+    try:
+        with Client(server.address, timeout_s=30) as client:
+            stream = client.generate(BYSTANDER, max_tokens=2000, temperature=0, ignore_eos=True)
+            next(stream)
+            sock.send(encode(GenerateRequest("long", text, params={"max_tokens": 2})))
+            last, reply = time.perf_counter(), None
+            for _ in stream:
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+                while reply is None and sock.poll(0):
+                    msg = decode(sock.recv())
+                    reply = None if type(msg).__name__ == "KeepAlive" else msg
+                if reply is not None:
+                    break
+            else:
+                pytest.fail("the stream ended before the long prompt was answered")
+            stream.close()
+    finally:
+        sock.close()
+        server.stop(signal.SIGKILL)
+    assert isinstance(reply, ErrorReply) and "max_model_len" in reply.message  # tokenized, then refused
+    assert max(gaps) < tokenize_s / 2, f"the stream stalled {max(gaps):.3f} s (tokenizing takes {tokenize_s:.3f} s)"
+
+
+# under vtc (fair share), a short request of another tenant during a flood: at most this many times its idle
+# latency (measured 1.9-2.7x on 2 CPU cores: it joins the next step, and steps are full batches meanwhile)
+FLOOD_BOUND = 8
+
+
+@pytest.mark.slow
+def test_a_flood_of_5000_requests_leaves_another_tenants_short_request_fast(model, tmp_path):
+    launched = Launched(model, tmp_path / "stderr.log", policy="vtc", num_gpu_blocks=2048, max_num_seqs=64)
+    flood = raw_client(launched.address)
+    try:
+        with Client(launched.address, timeout_s=60) as victim:
+            def latency() -> float:
+                start = time.perf_counter()
+                victim.complete(BYSTANDER, max_tokens=12, temperature=0, ignore_eos=True, tenant="victim")
+                return time.perf_counter() - start
+
+            idle = min(latency() for _ in range(3))
+            for i in range(5000):
+                flood.send(encode(GenerateRequest(f"f{i}", None, prompt_token_ids=[3 + i % 50, 4, 5, 6],
+                                                  params={"max_tokens": 64, "ignore_eos": True}, tenant="flood")))
+            time.sleep(1.0)  # the flood is in: its admitted requests fill every batch
+            stats = victim.stats()
+            assert stats["num_running"] + stats["num_waiting"] >= 1000
+            flooded = [latency() for _ in range(3)]
+        assert launched.proc.poll() is None
+        print(f"idle {idle * 1e3:.0f} ms, under the flood {[round(t * 1e3) for t in flooded]} ms")
+        assert max(flooded) < FLOOD_BOUND * idle, (idle, flooded)
+    finally:
+        flood.close()
+        launched.stop(signal.SIGKILL)

@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import zmq
@@ -146,9 +145,9 @@ def test_killing_a_child_fails_every_pending_call_and_leaves_nothing_behind(mode
     shm_before = run_dirs()
     launched = Launched(model, tmp_path / "stderr.log", num_gpu_blocks=1024)
     try:
-        stats = launched.stats()
-        children = stats["child_pids"]
-        target = stats["worker_pids"][0] if victim == "worker" else stats["swap_pid"]
+        procs = launched.processes()
+        children = procs["children"]
+        target = procs["workers"][0] if victim == "worker" else procs["swap"]
         clients = [Client(launched.address, timeout_s=30) for _ in range(2)]
         streams = [c.generate(p, max_tokens=500, temperature=0, ignore_eos=True, priority=i % 3)
                    for i, (c, p) in enumerate(zip(clients * 3, random_prompts(1000, [10, 30, 50, 20, 40, 60], seed=6)))]
@@ -173,8 +172,7 @@ def test_killing_a_child_fails_every_pending_call_and_leaves_nothing_behind(mode
 
 def test_sigterm_shuts_down_cleanly_and_a_killed_frontend_leaves_no_orphans(model, tmp_path):
     launched = Launched(model, tmp_path / "a.log", num_gpu_blocks=1024)
-    stats = launched.stats()
-    children, run_dir = stats["child_pids"], Path(stats["run_dir"])  # this engine's own, whatever else runs here
+    children, run_dir = launched.processes()["children"], launched.run_dir  # this engine's own, whatever else runs
     with Client(launched.address) as client:
         stream = client.generate([4, 5, 6], max_tokens=500, temperature=0, ignore_eos=True)
         next(stream)
@@ -186,8 +184,7 @@ def test_sigterm_shuts_down_cleanly_and_a_killed_frontend_leaves_no_orphans(mode
     assert not run_dir.exists()
 
     launched = Launched(model, tmp_path / "b.log")  # SIGKILL: no chance to clean up, the children must
-    stats = launched.stats()
-    children, run_dir = stats["child_pids"], Path(stats["run_dir"])
+    children, run_dir = launched.processes()["children"], launched.run_dir
     launched.stop(signal.SIGKILL)
     wait_until(lambda: not any(alive(pid) for pid in children), 10, "orphaned children to exit")
     wait_until(lambda: not run_dir.exists(), 5, "the orphaned run directory to be removed")
@@ -237,10 +234,10 @@ def test_a_run_directory_whose_owner_is_gone_is_reaped_by_the_next_engine(tmp_pa
 def test_an_idle_server_notices_a_dead_child_and_exits_non_zero(model, tmp_path):
     launched = Launched(model, tmp_path / "stderr.log")
     try:
-        stats = launched.stats()
-        os.kill(stats["swap_pid"], signal.SIGKILL)  # no request in flight: nothing waits on the swap process
+        procs = launched.processes()
+        os.kill(procs["swap"], signal.SIGKILL)  # no request in flight: nothing waits on the swap process
         assert launched.proc.wait(10) != 0
         assert "swap" in launched.log.read_text()
-        wait_until(lambda: not any(alive(pid) for pid in stats["child_pids"]), 10, "every child process to exit")
+        wait_until(lambda: not any(alive(pid) for pid in procs["children"]), 10, "every child process to exit")
     finally:
         launched.stop(signal.SIGKILL)

@@ -103,8 +103,8 @@ def test_launch_with_two_ranks_serves_the_single_rank_tokens(tiny_model_dirs, tm
     try:
         got, stats = stream_all(server.address)
         assert got == expected
-        assert len(stats["worker_pids"]) == 2
-        pids = stats["child_pids"]
+        assert len(server.processes()["workers"]) == 2
+        pids = server.processes()["children"]
     finally:
         assert server.stop() == 0
     time.sleep(0.2)
@@ -210,7 +210,7 @@ def test_two_launch_commands_are_one_engine_over_two_machines(tiny_model_dirs, t
         try:
             got, stats = stream_all(server.address)
             assert got == expected
-            assert len(stats["worker_pids"]) == 2 and stats["num_swap_outs"] > 0
+            assert len(server.processes()["workers"]) == 2 and stats["num_swap_outs"] > 0
         finally:
             assert server.stop() == 0
         assert node1.wait(30) == 0  # the frontend's shutdown stops every machine's processes
