@@ -1,13 +1,20 @@
 """The frontend server: clients on a ZeroMQ ROUTER socket, one ``LLMEngine`` stepping in this process.
 
-Loop: drain client messages (without waiting while the engine has work) -> ``engine.begin_step()`` -> while
-the workers compute it, send each request's new tokens and text of the previous step to its client and take
-in new client messages -> ``engine.end_step()``. A client names its requests itself; ids are kept apart per
-client. Bad input gets an ``ErrorReply`` and the server keeps serving the others. A client that vanished is
-noticed on the next send to it (streamed tokens, or a ``KeepAlive`` every second) and its requests are
-aborted, so their KV is freed. If the engine dies (a worker or the swap process is gone; checked every step
-and once a second when idle), every pending request gets a fatal ``ErrorReply`` and ``serve`` returns a
-non-zero exit code.
+Loop: drain client messages (without waiting while the engine has work, and for at most ``DRAIN_BUDGET_S``)
+-> ``engine.begin_step()`` -> while the workers compute it, send each request's new tokens and text of the
+previous step to its client and take in new client messages -> ``engine.end_step()``. A client names its
+requests itself; ids are kept apart per client (its routing id, see ``ipc.channels``).
+
+What one client may cost the others is bounded (``ClientLimits``, per client and per tenant; over a limit an
+immediate error that names it); long text prompts are tokenized on a thread. Bad input gets an
+``ErrorReply`` and the server keeps serving the others; an exception while handling one message or request
+fails that request only (an error id to the client, the traceback to this process's log). A client that
+does not read is backpressure, not a disconnect: its replies wait here in order and its streams' events
+merge until it reads. A client that vanished is noticed on the next send to it (streamed tokens, or a
+``KeepAlive`` every second) and its requests are aborted, so their KV is freed. With a keys file, only
+clients with listed CURVE keys connect, and each runs as its key's tenant (``fs_engine.engine.auth``). If the
+engine dies (a worker or the swap process is gone; checked every step and once a second when idle), every
+pending request gets a fatal ``ErrorReply`` and ``serve`` returns a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from ipc.messages import (
 
 KEEPALIVE_S = 1.0
 TOKENIZE_INLINE_CHARS = 16 << 10  # longer text prompts are tokenized off the engine loop
+DRAIN_BUDGET_S = 0.005  # client messages handled between two steps, at most (the rest wait for the next)
 
 
 
@@ -144,7 +152,11 @@ class FrontendServer:
         self.ctx.term()
 
     def _drain(self, timeout_s: float) -> None:
-        while (item := self.router.recv(timeout_s=timeout_s)) is not None:
+        """Handle client messages (waiting up to ``timeout_s`` for the first) for at most ``DRAIN_BUDGET_S``:
+        a client that queued thousands of messages must not hold up the steps everyone else's tokens come from
+        (libzmq reads the clients' queues in turn, so the others' messages are among the first handled)."""
+        deadline = time.perf_counter() + DRAIN_BUDGET_S + timeout_s
+        while time.perf_counter() < deadline and (item := self.router.recv(timeout_s=timeout_s)) is not None:
             timeout_s = 0
             identity, msg = item
             try:
@@ -152,19 +164,9 @@ class FrontendServer:
             except EngineDeadError:
                 raise
             except Exception:  # noqa: BLE001 - one client's message never takes the engine down
-                # the client learns that it failed and an id to quote; the traceback stays in this log
-                error_id = uuid.uuid4().hex[:12]
-                print(f"fs-engine: internal error {error_id} handling {type(msg).__name__} from client "
-                      f"{identity.hex()}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
                 request_id = getattr(msg, "request_id", "")
-                request_id = request_id if isinstance(request_id, str) else ""
-                key = self._key(identity, request_id)
-                self._forget(key)
-                if isinstance(msg, GenerateRequest) and key in self.engine.scheduler.requests:
-                    self.engine.abort(key)  # it got in before the failure: nobody would read its tokens
-                self._send(identity, ErrorReply(request_id, f"internal error {error_id}: the request failed "
-                                                            f"(the server's log has the details); the engine "
-                                                            f"serves on"))
+                self._internal_error(identity, request_id if isinstance(request_id, str) else "",
+                                     f"handling {type(msg).__name__}", isinstance(msg, GenerateRequest))
 
     # ---- client messages ---------------------------------------------------------------------------------
     def _handle(self, identity: bytes, msg: Any) -> None:
@@ -320,18 +322,39 @@ class FrontendServer:
             pending = self._pending.get(out.request_id)
             if pending is None:
                 continue
-            if out.finished:
-                self._forget(out.request_id)
-            if out.error is not None:  # an internal error failed this request alone
-                self._send(pending.identity, ErrorReply(pending.client_id, out.error))
-                continue
-            if not pending.stream and not out.finished:
-                continue
-            if pending.identity in self._outbox:  # it is not reading: its streams merge until it does
-                pending.unsent = out
-                self._unsent.setdefault(pending.identity, {})[out.request_id] = pending
-                continue
-            self._stream(pending, out)
+            try:
+                self._deliver_one(pending, out)
+            except Exception:  # noqa: BLE001 - one request's fault fails that request, not the server
+                self._internal_error(pending.identity, pending.client_id, f"streaming request {out.request_id}",
+                                     True)
+
+    def _internal_error(self, identity: bytes, request_id: str, doing: str, fails_request: bool) -> None:
+        """Something failed while handling one message or request (a bug): the traceback goes to this log with
+        an error id, the client gets the id to quote, and (``fails_request``) its request ends, its KV freed."""
+        error_id = uuid.uuid4().hex[:12]
+        print(f"fs-engine: internal error {error_id} {doing} (client {identity.hex()}):\n{traceback.format_exc()}",
+              file=sys.stderr, flush=True)
+        key = self._key(identity, request_id)
+        if fails_request:
+            self._forget(key)
+            if key in self.engine.scheduler.requests:
+                self.engine.abort(key)  # nobody would read its tokens
+        self._send(identity, ErrorReply(request_id, f"internal error {error_id}: the request failed (the server's "
+                                                    f"log has the details); the engine serves on"))
+
+    def _deliver_one(self, pending: _Pending, out: RequestOutput) -> None:
+        if out.finished:
+            self._forget(out.request_id)
+        if out.error is not None:  # an internal error failed this request alone
+            self._send(pending.identity, ErrorReply(pending.client_id, out.error))
+            return
+        if not pending.stream and not out.finished:
+            return
+        if pending.identity in self._outbox:  # it is not reading: its streams merge until it does
+            pending.unsent = out
+            self._unsent.setdefault(pending.identity, {})[out.request_id] = pending
+            return
+        self._stream(pending, out)
 
     def _stream(self, pending: _Pending, out: RequestOutput) -> bool:
         """Send a request's output since its last event; False if its client is busy (nothing was sent)."""
@@ -437,3 +460,5 @@ class FrontendServer:
                 pass
         self._pending.clear()
         self._load.clear()
+        self._tenant_load.clear()
+        self._tokenizing.clear()

@@ -349,7 +349,7 @@ def test_a_bad_keys_file_is_one_line_naming_the_field(model, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "tenants.alice.weight" in proc.stderr, proc.stderr
 
 
-def test_a_long_text_prompt_is_tokenized_off_the_engine_loop(model, tmp_path):
+def test_a_long_text_prompt_is_tokenized_off_the_engine_loop(model, tmp_path, bystander_tokens):
     """Tokenizing ~1 MB of text takes about a second: a bystander's stream must not stall for it."""
     from fs_engine.tokenizer import load_tokenizer
 
@@ -380,6 +380,7 @@ def test_a_long_text_prompt_is_tokenized_off_the_engine_loop(model, tmp_path):
             else:
                 pytest.fail("the stream ended before the long prompt was answered")
             stream.close()
+        assert_still_serving(server, bystander_tokens)
     finally:
         sock.close()
         server.stop(signal.SIGKILL)
@@ -387,33 +388,58 @@ def test_a_long_text_prompt_is_tokenized_off_the_engine_loop(model, tmp_path):
     assert max(gaps) < tokenize_s / 2, f"the stream stalled {max(gaps):.3f} s (tokenizing takes {tokenize_s:.3f} s)"
 
 
-# under vtc (fair share), a short request of another tenant during a flood: at most this many times its idle
-# latency (measured 1.9-2.7x on 2 CPU cores: it joins the next step, and steps are full batches meanwhile)
-FLOOD_BOUND = 8
+# Under vtc (fair share) a short request of another tenant is admitted within a few steps whatever a flood has
+# queued (it ranks first; a flood request is preempted for its seat), and client messages are handled at most
+# DRAIN_BUDGET_S between steps. So the flood costs it no more steps than a full batch of well-behaved requests
+# would, give or take STEP_SLACK, and at most FLOOD_BOUND times the time (measured side by side, best of 5 on
+# this noisy machine; 1.1-1.7x measured). What a full batch itself costs over an idle engine is the hardware's:
+# 1.9-2.7x on 2 quiet CPU cores, ~10x on contended ones.
+FLOOD_BOUND = 3
+STEP_SLACK = 4  # the preemption's swap-out runs as a plan of its own, and stats() round trips count steps too
+MAX_NUM_SEQS = 32
 
 
 @pytest.mark.slow
-def test_a_flood_of_5000_requests_leaves_another_tenants_short_request_fast(model, tmp_path):
-    launched = Launched(model, tmp_path / "stderr.log", policy="vtc", num_gpu_blocks=2048, max_num_seqs=64)
-    flood = raw_client(launched.address)
+def test_a_flood_of_5000_requests_leaves_another_tenants_short_request_fast(model, tmp_path, bystander_tokens):
+    launched = Launched(model, tmp_path / "stderr.log", policy="vtc", num_gpu_blocks=2048, max_num_seqs=MAX_NUM_SEQS)
+    steady, flood = raw_client(launched.address), raw_client(launched.address)
+
+    def send(sock, n: int, tenant: str, max_tokens: int) -> None:
+        for i in range(n):
+            sock.send(encode(GenerateRequest(f"{tenant}{i}", None, prompt_token_ids=[3 + i % 50, 4, 5, 6],
+                                             params={"max_tokens": max_tokens, "ignore_eos": True}, tenant=tenant)))
+
     try:
         with Client(launched.address, timeout_s=60) as victim:
-            def latency() -> float:
+            def latency() -> tuple[float, int]:
+                """(seconds, engine steps) of one short request."""
+                steps = victim.stats()["num_steps"]
                 start = time.perf_counter()
-                victim.complete(BYSTANDER, max_tokens=12, temperature=0, ignore_eos=True, tenant="victim")
-                return time.perf_counter() - start
+                result = victim.complete(BYSTANDER, max_tokens=12, temperature=0, ignore_eos=True, tenant="victim")
+                seconds = time.perf_counter() - start
+                assert result.token_ids == bystander_tokens
+                return seconds, victim.stats()["num_steps"] - steps
 
-            idle = min(latency() for _ in range(3))
-            for i in range(5000):
-                flood.send(encode(GenerateRequest(f"f{i}", None, prompt_token_ids=[3 + i % 50, 4, 5, 6],
-                                                  params={"max_tokens": 64, "ignore_eos": True}, tenant="flood")))
-            time.sleep(1.0)  # the flood is in: its admitted requests fill every batch
+            def best(n: int = 5) -> tuple[float, int]:
+                runs = [latency() for _ in range(n)]
+                return min(t for t, _ in runs), min(k for _, k in runs)
+
+            idle, _ = best(3)
+            send(steady, MAX_NUM_SEQS - 1, "steady", 400)  # a full batch, well-behaved
+            time.sleep(1.0)
+            full_batch, full_steps = best()
+            steady.close()  # its requests are aborted when the server next writes to it
+            send(flood, 5000, "flood", 64)
+            time.sleep(1.0)  # the flood is in: every batch is full of it, over a thousand more wait
             stats = victim.stats()
             assert stats["num_running"] + stats["num_waiting"] >= 1000
-            flooded = [latency() for _ in range(3)]
+            flooded, flooded_steps = best()
         assert launched.proc.poll() is None
-        print(f"idle {idle * 1e3:.0f} ms, under the flood {[round(t * 1e3) for t in flooded]} ms")
-        assert max(flooded) < FLOOD_BOUND * idle, (idle, flooded)
+        print(f"idle {idle * 1e3:.0f} ms; next to a full batch {full_batch * 1e3:.0f} ms, {full_steps} steps; under "
+              f"the flood {flooded * 1e3:.0f} ms, {flooded_steps} steps ({flooded / idle:.1f}x idle)")
+        assert flooded_steps <= full_steps + STEP_SLACK, (full_steps, flooded_steps)
+        assert flooded < FLOOD_BOUND * full_batch, (idle, full_batch, flooded)
     finally:
         flood.close()
+        steady.close()
         launched.stop(signal.SIGKILL)

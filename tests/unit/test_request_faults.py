@@ -131,8 +131,9 @@ def test_a_failed_request_is_not_written_back_for_reuse(tiny_model_dirs, monkeyp
     assert RequestStatus.FINISHED_ERROR.finish_reason == "error"
 
 
+@pytest.mark.parametrize("where", ["scheduling", "streaming"])
 def test_through_the_server_the_failed_request_gets_an_error_and_the_others_their_tokens(
-        tiny_model_dirs, expected, monkeypatch, tmp_path):
+        tiny_model_dirs, expected, monkeypatch, tmp_path, where):
     import threading
 
     from fs_engine.client import Client
@@ -140,14 +141,24 @@ def test_through_the_server_the_failed_request_gets_an_error_and_the_others_thei
     from ipc.errors import RemoteError
 
     engine = _engine(tiny_model_dirs)
-    original = type(engine.scheduler)._add_chunk
+    if where == "scheduling":
+        original = type(engine.scheduler)._add_chunk
 
-    def add_chunk(self, plan, request, num_new, table):
-        if request.request_id.endswith("/" + BAD) and request.num_computed_tokens > 0:
-            raise RuntimeError("injected fault")
-        return original(self, plan, request, num_new, table)
+        def add_chunk(self, plan, request, num_new, table):
+            if request.request_id.endswith("/" + BAD) and request.num_computed_tokens > 0:
+                raise RuntimeError("injected fault")
+            return original(self, plan, request, num_new, table)
 
-    monkeypatch.setattr(type(engine.scheduler), "_add_chunk", add_chunk)
+        monkeypatch.setattr(type(engine.scheduler), "_add_chunk", add_chunk)
+    else:
+        original_stream = FrontendServer._stream
+
+        def stream(self, pending, out):
+            if pending.client_id == BAD and len(out.token_ids) == 4:
+                raise RuntimeError("injected fault")
+            return original_stream(self, pending, out)
+
+        monkeypatch.setattr(FrontendServer, "_stream", stream)
     server = FrontendServer(engine, f"ipc://{tmp_path / 'frontend'}")
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
@@ -159,12 +170,14 @@ def test_through_the_server_the_failed_request_gets_an_error_and_the_others_thei
         got = {}
         for rid, stream in streams.items():
             if rid == BAD:
-                with pytest.raises(RemoteError, match="internal error [0-9a-f]{12} while scheduling"):
+                with pytest.raises(RemoteError, match="internal error [0-9a-f]{12}.*failed"):
                     list(stream)
             else:
                 got[rid] = [t for ev in stream for t in ev.token_ids]
         assert got == {rid: t for rid, t in expected.items() if rid != BAD}
-        assert client.stats()["num_failed_requests"] == 1
+        stats = client.stats()
+        assert stats["num_failed_requests" if where == "scheduling" else "num_aborted_requests"] == 1
+        assert stats["num_running"] == stats["num_waiting"] == 0
         client.close()
     finally:
         server.request_stop()
