@@ -27,6 +27,7 @@ import shutil
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,9 @@ class MultiprocExecutor:
         self._last_collected = 0.0
         self._closed = False
         self._last_health_check = 0.0
+        # called every POLL_S while a result is late (a worker stopped or slow): the server keeps telling its
+        # clients it is alive meanwhile; it must not touch the engine
+        self.on_wait: Callable[[], None] | None = None
         try:
             for proc in (*self.workers, self.swapper):
                 proc.start()
@@ -190,6 +194,8 @@ class MultiprocExecutor:
             if msg is not None:
                 return msg
             self._check_children()
+            if self.on_wait is not None:
+                self.on_wait()
             if deadline is not None and time.monotonic() > deadline:
                 raise EngineDeadError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 

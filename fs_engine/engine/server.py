@@ -93,6 +93,8 @@ class FrontendServer:
             self.ctx.term()
             raise
         self.address = self.router.address
+        if hasattr(engine.executor, "on_wait"):
+            engine.executor.on_wait = self._keepalive_while_waiting
         self._pending: dict[str, _Pending] = {}
         self._load: dict[bytes, list[int]] = {}  # client -> [requests in flight, their prompt tokens]
         self._tenant_load: dict[str, list[int]] = {}  # tenant -> the same, of all its clients
@@ -134,7 +136,9 @@ class FrontendServer:
         except EngineDeadError as e:
             print(f"fs-engine: the engine died, shutting down: {e}", file=sys.stderr, flush=True)
             # clients learn what died and why in one line; tracebacks (file paths, code) stay in this log
-            self._fail_all(f"the engine died: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            reason = f"the engine died: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            self._fail_all(reason)
+            self._refuse_queued(reason)
             code = 1
         finally:
             if code == 0:
@@ -451,6 +455,33 @@ class FrontendServer:
         self.engine.check_health()
         for identity in {p.identity for p in self._pending.values()} - self._outbox.keys():  # (busy: connected)
             self._send(identity, KeepAlive())
+
+    def _refuse_queued(self, message: str, budget_s: float = 0.5) -> None:
+        """Answer what clients sent that was not read yet (a call waiting on it would otherwise wait out its
+        timeout): every message with a request id gets the fatal error."""
+        deadline = time.perf_counter() + budget_s
+        while time.perf_counter() < deadline and (item := self.router.recv(timeout_s=0)) is not None:
+            identity, msg = item
+            request_id = getattr(msg, "request_id", None)
+            if isinstance(request_id, str):
+                try:
+                    self.router.send(identity, ErrorReply(request_id, message, fatal=True))
+                except (PeerGone, PeerBusy):
+                    pass
+
+    def _keepalive_while_waiting(self) -> None:
+        """The executor waits for a late step (a worker stopped or slow): clients with requests in flight
+        still hear from us every second, so they do not take silence for a dead engine. Only sends: the engine
+        is in the middle of a step."""
+        now = time.monotonic()
+        if now - self._last_keepalive < KEEPALIVE_S:
+            return
+        self._last_keepalive = now
+        for identity in {p.identity for p in self._pending.values()} - self._outbox.keys():
+            try:
+                self.router.send(identity, KeepAlive())
+            except (PeerGone, PeerBusy):  # noticed on the next send after the step
+                pass
 
     def _fail_all(self, message: str) -> None:
         for pending in list(self._pending.values()):

@@ -241,3 +241,28 @@ def test_an_idle_server_notices_a_dead_child_and_exits_non_zero(model, tmp_path)
         wait_until(lambda: not any(alive(pid) for pid in procs["children"]), 10, "every child process to exit")
     finally:
         launched.stop(signal.SIGKILL)
+
+
+def test_a_stopped_worker_is_waited_for_and_its_clients_keep_hearing_from_the_server(model, tmp_path):
+    """A worker that stops (SIGSTOP, a long GC pause, a stalled device) is not dead: the server keeps sending
+    keep-alives while it waits, so a client with a short timeout is not fooled, and the stream resumes."""
+    prompt = [7, 8, 9, 10]
+    params = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)  # still running when the worker stops
+    expected = LLM(model, **{**ENGINE_FLAGS, "num_gpu_blocks": 1024}).generate([prompt], params)[0].token_ids
+    launched = Launched(model, tmp_path / "stderr.log", num_gpu_blocks=1024)
+    try:
+        worker = launched.processes()["workers"][0]
+        with Client(launched.address, timeout_s=3) as client:
+            stream = client.generate(prompt, max_tokens=1000, temperature=0, ignore_eos=True)
+            tokens = next(stream).token_ids
+            os.kill(worker, signal.SIGSTOP)
+            resume = threading.Timer(7, os.kill, (worker, signal.SIGCONT))  # over twice the client's timeout
+            resume.start()  # ... while this thread waits on the stream
+            try:
+                tokens += [t for event in stream for t in event.token_ids]
+            finally:
+                resume.join()
+                os.kill(worker, signal.SIGCONT)
+        assert tokens == expected
+    finally:
+        launched.stop(signal.SIGKILL)

@@ -3,6 +3,7 @@ never a disconnect; past ``max_queued_messages`` unread, that client's requests 
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 from fs_engine.engine.limits import ClientLimits
@@ -130,3 +131,28 @@ def test_an_aborted_stream_of_a_busy_client_sends_nothing_after_its_end():
     server._flush()
     sent = server.router.sent[b"slow"]
     assert [ev.token_ids for ev in sent] == [[0], []] and sent[-1].finish_reason == "abort"
+
+
+def test_when_the_engine_dies_messages_not_read_yet_are_answered_too():
+    import zmq
+
+    from ipc.channels import Dealer, Router
+    from ipc.messages import ErrorReply, GenerateRequest, StatsRequest
+
+    ctx = zmq.Context()
+    router = Router(ctx, "tcp://127.0.0.1:0")
+    dealer = Dealer(ctx, router.address)
+    try:
+        server = FrontendServer.__new__(FrontendServer)  # the sockets only
+        server.router = router
+        dealer.send(GenerateRequest("g", None, prompt_token_ids=[1]))
+        dealer.send(StatsRequest("s"))
+        time.sleep(0.2)
+        server._refuse_queued("the engine died: worker gone")
+        replies = [dealer.recv(timeout_s=2) for _ in range(2)]
+        assert [(r.request_id, r.fatal) for r in replies] == [("g", True), ("s", True)]
+        assert all(isinstance(r, ErrorReply) and "worker gone" in r.message for r in replies)
+    finally:
+        dealer.close()
+        router.close()
+        ctx.term()
