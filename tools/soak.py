@@ -120,6 +120,7 @@ class Call:
 
     tokens: int = 0
     outcome: str = ""
+    detail: str = ""  # what a hang's report says of the call (a priority change: which way)
 
 
 @dataclass
@@ -426,8 +427,11 @@ async def change_priority(s: Soak, stream: int, rng: random.Random, call: Call) 
     async with client.generate(prompt, **kw) as events:
         if await read_until(events, call, rng.randint(1, kw["max_tokens"] - 1)):
             call.outcome = "finished after its priority change"
+            priority = rng.randint(-3, 3)
+            call.detail = ("after its priority was lowered below everyone else's" if priority > 0 else
+                           "after its priority was raised" if priority < 0 else "after an unchanged priority")
             try:
-                await client.update_priority(events.request_id, rng.randint(-3, 3))
+                await client.update_priority(events.request_id, priority)
             except RemoteError as e:
                 if "unknown request id" not in str(e):
                     raise
@@ -500,7 +504,7 @@ async def run_stream(s: Soak, stream: int, behaviour: str, seed: int) -> None:
         try:
             await asyncio.wait_for(CALLS[behaviour](s, stream, rng, call), s.args.call_timeout)
         except asyncio.TimeoutError:
-            error = Hang(f"no end within {s.args.call_timeout:g} s")
+            error = Hang(f"no end within {s.args.call_timeout:g} s {call.detail}".rstrip())
         except Exception as e:  # noqa: BLE001 - every failure is counted by kind; the stream goes on
             error = e
         s.rec.end(stream, behaviour, call, error)
