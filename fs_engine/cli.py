@@ -121,6 +121,25 @@ def _launch_keys(args: argparse.Namespace):
     return keys, server_key, kwargs
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The engine (``fs-engine launch`` on a private ipc:// socket, only this user can reach it) in a child
+    process, and the HTTP API in this one."""
+    from fs_engine.http.serve import serve
+
+    return serve(args, _launch_argv(args))
+
+
+def _launch_argv(args: argparse.Namespace) -> list[str]:
+    """``fs-engine launch`` arguments for a serve's engine: its model, limits and engine arguments."""
+    argv = ["--model", args.model_dir] if args.model_dir else []
+    for f in dataclasses.fields(ClientLimits):
+        argv += ["--" + f.name.replace("_", "-"), str(getattr(args, f.name))]
+    for name, value in engine_kwargs(args).items():
+        argv += ["--" + name.replace("_", "-"), ",".join(f"{t}={w:g}" for t, w in value.items())
+                 if isinstance(value, dict) else str(value)]
+    return argv
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from fs_engine.engine.auth import make_certificates
 
@@ -146,7 +165,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     limits = ClientLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClientLimits)})
     keys, server_key, kwargs = _launch_keys(args)
     engine = LLMEngine(args.model, multiprocess=True, **kwargs)
-    address = f"tcp://{args.host}:{args.port}"
+    address = args.address or f"tcp://{args.host}:{args.port}"
     try:
         server = FrontendServer(engine, address, limits, keys=keys, server_key=server_key)
     except zmq.ZMQError as e:  # the port is taken (or the host is not this machine's): nothing stays behind
@@ -179,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
     launch.add_argument("--host", default="127.0.0.1", help="address to listen on")
     launch.add_argument("--port", type=int, default=5555, help="port to listen on (0: any free port)")
+    launch.add_argument("--address", default=None, help="a ZeroMQ address to listen on instead of --host and "
+                                                        "--port, e.g. ipc:///run/fs-engine/engine")
     for f in dataclasses.fields(ClientLimits):
         launch.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default,
                             help=f"{LIMITS_HELP[f.name]} (default: %(default)s)")
@@ -193,6 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
                              "weights, activations, KV and host arenas, context-switch bytes and time")
     add_engine_args(launch)
     launch.set_defaults(func=cmd_launch)
+
+    serve = sub.add_parser("serve", allow_abbrev=False,
+                           help="the OpenAI-compatible HTTP API, in front of an engine it launches")
+    serve.add_argument("model_dir", nargs="?", default=None, metavar="MODEL",
+                       help="checkpoint directory (default: the embedded tiny model)")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port")
+    serve.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "
+                                                                 "directory's name)")
+    serve.add_argument("--api-keys", metavar="FILE", default=None,
+                       help="keys file (fs_engine/engine/auth.py): each tenant's api_keys and weight; requests "
+                            "then need Authorization: Bearer KEY and run as its tenant")
+    for f in dataclasses.fields(ClientLimits):
+        serve.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default,
+                           help=f"{LIMITS_HELP[f.name]} (default: %(default)s)")
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
     keys = sub.add_parser("keys", allow_abbrev=False,
                           help="make CURVE key pairs (NAME.key, NAME.key_secret) for --keys and --server-key")

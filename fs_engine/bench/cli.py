@@ -1,7 +1,8 @@
 """``fs-engine bench``: make a trace, replay it, run the ablation.
 
     fs-engine bench generate --out trace.json [workload flags]
-    fs-engine bench run   [--trace F | workload flags] [--address tcp://...] [--model DIR engine flags] [--out DIR]
+    fs-engine bench run   [--trace F | workload flags] [--address tcp://... | --base-url http://...]
+                          [--model DIR engine flags] [--out DIR]
     fs-engine bench ablate [--trace F | workload flags] [--model DIR engine flags] [--configs ...] --out DIR
 
 Workload flags are the ``WorkloadConfig`` fields (``--num-conversations``, ``--request-rate``, ``--scale``,
@@ -131,7 +132,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fs_engine.bench.report import write_report, write_step_log
 
     trace = _trace(args)
-    if args.address:
+    if args.address and args.base_url:
+        raise ValueError("give --address (the ZeroMQ SDK) or --base-url (the OpenAI HTTP API), not both")
+    if args.base_url:
+        from fs_engine.bench.http_driver import run_against_http
+
+        result = run_against_http(args.base_url, trace, args.served_model, args.api_key, progress=args.progress)
+    elif args.address:
         result = run_against_server(args.address, trace, progress=args.progress)
     else:
         from fs_engine.engine.llm_engine import LLMEngine
@@ -229,6 +236,10 @@ def build_parser(prog: str = "fs-engine bench") -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="replay a trace on one engine and print the metrics", allow_abbrev=False)
     run.add_argument("--address", help="replay through the client SDK against fs-engine launch at this address")
+    run.add_argument("--base-url", help="replay through the OpenAI HTTP API at this URL (fs-engine serve, vLLM, "
+                                        "SGLang: any server with return_token_ids), e.g. http://127.0.0.1:8000")
+    run.add_argument("--served-model", help="with --base-url: the model name to ask for (default: its first)")
+    run.add_argument("--api-key", help="with --base-url: sent as Authorization: Bearer KEY")
     run.add_argument("--out", help="write results.json, table.md and plots here")
     _add_workload_args(run)
     _add_engine_args(run)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API (``fs-engine serve``): its own process, in front of the engine."""

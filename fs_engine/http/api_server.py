@@ -1,0 +1,339 @@
+"""The OpenAI-compatible HTTP API (FastAPI on uvicorn), in front of a running engine.
+
+This process holds no model: it reaches the engine's frontend over the ZeroMQ SDK (``AsyncClient``), as
+vLLM's API server reaches its engine core, so HTTP parsing, tokenization and chat templates never run on the
+engine loop. Text and chat messages are tokenized here (the model's tokenizer, on a thread); the engine
+detokenizes and applies stop strings, and streams tokens back as server-sent events.
+
+Who asks: with an API keys file (``fs_engine.engine.auth``, the ``api_keys`` of each tenant) a request needs
+``Authorization: Bearer KEY`` (else 401) and runs as that key's tenant; without one, as its ``user`` field's,
+else ``default``. Request ids are made here, so no client can name, abort or reprioritise another's request.
+The engine's per-tenant limits answer 429 with ``Retry-After``; a dead engine 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fs_engine import __version__
+from fs_engine.client import AsyncClient
+from fs_engine.engine.auth import Keys
+from fs_engine.http.metrics import Metrics
+from fs_engine.http.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    validation_errors,
+)
+from ipc.errors import EngineDeadError, RemoteError
+
+STATS_POLL_S = 1.0
+RATE_LIMITS = ("max_requests_per_tenant", "max_prompt_tokens_per_tenant", "max_requests_per_client",
+               "max_prompt_tokens_per_client")  # the engine's limits that mean "later", not "never"
+RETRY_AFTER_S = 1
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+
+
+@dataclass
+class ServedModel:
+    name: str  # what clients put in "model"
+    path: str
+    tokenizer: Any  # the model's Hugging Face tokenizer
+    max_model_len: int
+
+
+def _engine_error(e: RemoteError) -> APIError:
+    message = str(e)
+    if any(f"({limit})" in message for limit in RATE_LIMITS):
+        return APIError(429, message, "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return APIError(400, message)
+
+
+class OpenAIServer:
+    def __init__(self, engine_address: str, model: ServedModel, keys: Keys | None = None,
+                 timeout_s: float = 30.0) -> None:
+        self.engine_address = engine_address
+        self.model = model
+        self.keys = keys
+        self.timeout_s = timeout_s
+        self.metrics = Metrics()
+        self.client: AsyncClient | None = None
+        self._poller: asyncio.Task | None = None
+        self.app = self._build()
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self.client = AsyncClient(self.engine_address, timeout_s=self.timeout_s)
+        self._poller = asyncio.create_task(self._poll_stats())
+        try:
+            yield
+        finally:
+            self._poller.cancel()
+            await self.client.close()
+
+    async def _poll_stats(self) -> None:
+        """The engine's counters, once a second, for /metrics (a scrape never waits on the engine)."""
+        while True:
+            with contextlib.suppress(EngineDeadError, RemoteError, RuntimeError):
+                self.metrics.engine.update(await self.client.stats())
+            await asyncio.sleep(STATS_POLL_S)
+
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="fs-engine", version=__version__, lifespan=self._lifespan)
+
+        @app.exception_handler(APIError)
+        async def api_error(request: Request, e: APIError) -> JSONResponse:
+            self.metrics.http.labels(request.url.path, str(e.status)).inc()
+            return JSONResponse(error_body(e.message, e.kind, e.param, e.status), e.status, headers=e.headers)
+
+        @app.exception_handler(RequestValidationError)
+        async def bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
+            message, param = validation_errors(e.errors())
+            self.metrics.http.labels(request.url.path, "400").inc()
+            return JSONResponse(error_body(message, param=param, code=400), 400)
+
+        @app.get("/health")
+        async def health() -> Response:
+            try:
+                await self.client.stats()
+            except (EngineDeadError, RuntimeError) as e:
+                raise APIError(503, f"the engine is not serving: {e}", "service_unavailable") from e
+            return Response(status_code=200)
+
+        @app.get("/version")
+        async def version() -> dict:
+            return {"version": __version__}
+
+        @app.get("/v1/models")
+        async def models(request: Request) -> dict:
+            self._tenant(request, None)
+            return {"object": "list", "data": [{"id": self.model.name, "object": "model", "created": 0,
+                                                "owned_by": "fs-engine", "root": self.model.path,
+                                                "max_model_len": self.model.max_model_len}]}
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        @app.post("/v1/completions")
+        async def completions(body: CompletionRequest, request: Request) -> Response:
+            tenant = self._tenant(request, body.user)
+            self._check_model(body.model)
+            if isinstance(body.prompt, str):
+                prompt_ids = await self._tokenize(body.prompt)
+            else:
+                prompt_ids = list(body.prompt)
+            max_tokens = 16 if body.max_tokens is None else body.max_tokens  # (OpenAI's default)
+            return await self._generate(request, body, prompt_ids, tenant, max_tokens, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+            tenant = self._tenant(request, body.user)
+            self._check_model(body.model)
+            prompt_ids = await self._chat_tokens(body)
+            wanted = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+            # OpenAI's default: up to the context limit
+            max_tokens = max(1, self.model.max_model_len - len(prompt_ids)) if wanted is None else wanted
+            return await self._generate(request, body, prompt_ids, tenant, max_tokens, chat=True)
+
+        return app
+
+    # ---- request checks ------------------------------------------------------------------------------------
+    def _tenant(self, request: Request, user: str | None) -> str:
+        if self.keys is None:
+            return user or "default"
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        tenant = self.keys.by_api_key.get(key.strip()) if scheme.lower() == "bearer" else None
+        if tenant is None:
+            raise APIError(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
+        return tenant
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.model.name, self.model.path):
+            raise APIError(404, f"model {name!r} is not served here; this server serves {self.model.name!r}",
+                           "not_found_error", "model")
+
+    async def _tokenize(self, text: str) -> list[int]:
+        return await asyncio.to_thread(lambda: list(self.model.tokenizer(text).input_ids))
+
+    async def _chat_tokens(self, body: ChatCompletionRequest) -> list[int]:
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        tokenizer = self.model.tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
+
+        def render() -> list[int]:
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=body.add_generation_prompt,
+                                                continue_final_message=not body.add_generation_prompt)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+        try:
+            return await asyncio.to_thread(render)
+        except (ValueError, TypeError) as e:  # a template that refuses these messages (roles out of order)
+            raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from e
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    async def _generate(self, request: Request, body: Any, prompt_ids: list[int], tenant: str, max_tokens: int,
+                        chat: bool) -> Response:
+        try:
+            params = body.sampling_params(max_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from e
+        limit = self.model.max_model_len
+        if len(prompt_ids) + max_tokens > limit:
+            param = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
+            raise APIError(400, f"this model's context is {limit} tokens: the prompt has {len(prompt_ids)} and "
+                                f"{param} asks for {max_tokens} more; lower {param} or shorten the prompt",
+                           param=param)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        stream = self.client.generate(prompt_ids, **params.model_dump(), priority=body.priority, tenant=tenant,
+                                      session_id=body.session_id, request_id=request_id)
+        response = _Response(request_id, self.model.name, chat, prompt_ids, time.monotonic(), tenant,
+                             self.metrics, body.return_token_ids)
+        endpoint = request.url.path
+        if body.stream:
+            first = await self._first_event(stream)  # errors before the first token are HTTP errors
+            self.metrics.http.labels(endpoint, "200").inc()
+            return StreamingResponse(self._sse(request, stream, first, response, body.include_usage),
+                                     media_type="text/event-stream")
+        try:
+            async with stream:
+                async for event in stream:
+                    response.add(event)
+        except RemoteError as e:
+            raise _engine_error(e) from e
+        except EngineDeadError as e:
+            raise APIError(503, f"the engine is not serving: {e}", "service_unavailable") from e
+        self.metrics.http.labels(endpoint, "200").inc()
+        return JSONResponse(response.whole())
+
+    @staticmethod
+    async def _first_event(stream: Any) -> Any:
+        try:
+            return await stream.__anext__()
+        except RemoteError as e:
+            await stream.aclose()
+            raise _engine_error(e) from e
+        except EngineDeadError as e:
+            raise APIError(503, f"the engine is not serving: {e}", "service_unavailable") from e
+
+    async def _sse(self, request: Request, stream: Any, first: Any, response: _Response,
+                   include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per engine event, the usage if asked for, then ``[DONE]``. A client that
+        goes away cancels this generator, which closes the stream: the engine aborts the request."""
+        try:
+            event = first
+            while True:
+                response.add(event)
+                yield _sse(response.chunk(event))
+                if event.finished:
+                    break
+                event = await stream.__anext__()
+            if include_usage:
+                yield _sse(response.usage_chunk())
+        except (RemoteError, EngineDeadError) as e:  # mid-stream: the status is sent already
+            kind = "service_unavailable" if isinstance(e, EngineDeadError) else "invalid_request_error"
+            yield _sse(error_body(str(e), kind))
+        finally:
+            await stream.aclose()
+        yield "data: [DONE]\n\n"
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+class _Response:
+    """One request's answer as it grows: whole, or chunk by chunk; its latencies go to the metrics."""
+
+    def __init__(self, request_id: str, model: str, chat: bool, prompt_ids: list[int], start: float,
+                 tenant: str, metrics: Metrics, token_ids: bool) -> None:
+        self.request_id, self.model, self.chat = request_id, model, chat
+        self.created = int(time.time())
+        self.prompt_ids, self.num_prompt_tokens = prompt_ids, len(prompt_ids)
+        self.with_token_ids = token_ids
+        self.token_ids: list[int] = []
+        self.num_tokens = 0
+        self.text: list[str] = []
+        self.finish_reason: str | None = None
+        self.start = self.last = start
+        self.tenant, self.metrics = tenant, metrics
+        self.role_sent = False
+
+    def add(self, event: Any) -> None:
+        now = time.monotonic()
+        if event.token_ids:
+            if self.num_tokens == 0:
+                self.metrics.ttft.labels(self.tenant).observe(now - self.start)
+            else:
+                self.metrics.itl.labels(self.tenant).observe(now - self.last)
+            self.last = now
+        self.num_tokens += len(event.token_ids)
+        self.token_ids += event.token_ids
+        self.text.append(event.text)
+        if event.finished:
+            self.finish_reason = event.finish_reason
+            self.metrics.e2e.labels(self.tenant).observe(now - self.start)
+
+    def _usage(self) -> dict:
+        return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": self.num_tokens,
+                "total_tokens": self.num_prompt_tokens + self.num_tokens}
+
+    def _head(self, obj: str, first: bool = True) -> dict:
+        head = {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
+        if self.with_token_ids and first:
+            head["prompt_token_ids"] = self.prompt_ids
+        return head
+
+    def _ids(self, choice: dict, token_ids: list[int]) -> dict:
+        if self.with_token_ids:
+            choice["token_ids"] = token_ids
+        return choice
+
+    def whole(self) -> dict:
+        text = "".join(self.text)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": self.finish_reason}
+            return {**self._head("chat.completion"), "choices": [self._ids(choice, self.token_ids)],
+                    "usage": self._usage()}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
+        return {**self._head("text_completion"), "choices": [self._ids(choice, self.token_ids)],
+                "usage": self._usage()}
+
+    def chunk(self, event: Any) -> dict:
+        finish = event.finish_reason if event.finished else None
+        first = not self.role_sent
+        self.role_sent = True
+        if self.chat:
+            delta: dict[str, str] = {"content": event.text}
+            if first:
+                delta = {"role": "assistant", **delta}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**self._head("chat.completion.chunk", first), "choices": [self._ids(choice, event.token_ids)]}
+        choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": finish}
+        return {**self._head("text_completion", first), "choices": [self._ids(choice, event.token_ids)]}
+
+    def usage_chunk(self) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(obj, first=False), "choices": [], "usage": self._usage()}

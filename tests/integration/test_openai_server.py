@@ -1,0 +1,251 @@
+"""``fs-engine serve`` through the real ``openai`` package: greedy output identical to the offline ``LLM``,
+streaming and not, completions and chat, sync and async; many tenants at once; errors in OpenAI's shape with
+the documented status codes; API keys; a disconnect frees its KV; /metrics parses and adds up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from fs_engine import LLM, SamplingParams  # noqa: E402
+from tests.launcher import ROOT  # noqa: E402
+
+FLAGS = {"block_size": 4, "num_gpu_blocks": 512, "policy": "vtc"}
+PROMPTS = ["The fair share of", "Swap the blocks", "Once upon a time", "def fibonacci(n):"]
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Explain preemption."}]
+
+
+class Served:
+    """One ``python -m fs_engine serve`` process on a free port."""
+
+    def __init__(self, model: Path, log: Path, *extra: str, **flags: object) -> None:
+        argv = [sys.executable, "-m", "fs_engine", "serve", str(model), "--port", "0", *extra]
+        for name, value in {**FLAGS, **flags}.items():
+            argv += ["--" + name.replace("_", "-"), str(value)]
+        self.log = log
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        selector = selectors.DefaultSelector()
+        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        line = self.proc.stdout.readline() if selector.select(240) else ""
+        if "fs-engine serve ready at" not in line:
+            self.proc.kill()
+            pytest.fail(f"no ready line ({line!r}); stderr:\n{log.read_text()[-3000:]}")
+        self.url = line.split("ready at ")[1].split()[0]
+        self.model = Path(model).name
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics by name and labels, e.g. ``fs_engine:num_requests_running``."""
+        text = httpx.get(f"{self.url}/metrics").text
+        return {s.name + (json.dumps(s.labels, sort_keys=True) if s.labels else ""): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dirs):
+    return tiny_model_dirs["qwen2"]
+
+
+@pytest.fixture(scope="module")
+def served(model, tmp_path_factory):
+    server = Served(model, tmp_path_factory.mktemp("serve") / "stderr.log")
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def offline(model):
+    llm = LLM(model, **FLAGS)
+    tokenizer = llm.tokenizer
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    texts = {p: o.text for p, o in zip(PROMPTS, llm.generate(PROMPTS, params))}
+    chat_ids = tokenizer.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True)
+    chat_ids = list(chat_ids["input_ids"] if hasattr(chat_ids, "keys") else chat_ids)
+    chat = llm.generate([chat_ids], params)[0].text
+    return texts, chat
+
+
+def _client(served, key: str = "none"):
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key=key, max_retries=0)
+
+
+GREEDY = {"max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def test_completions_and_chat_match_the_offline_engine(served, offline):
+    texts, chat = offline
+    client = _client(served)
+    for prompt, expected in texts.items():
+        out = client.completions.create(model=served.model, prompt=prompt, **GREEDY)
+        assert out.choices[0].text == expected and out.choices[0].finish_reason == "length"
+        assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens > 0
+    out = client.chat.completions.create(model=served.model, messages=MESSAGES, **GREEDY)
+    assert out.choices[0].message.content == chat and out.choices[0].message.role == "assistant"
+
+
+def test_streaming_completions_and_chat_match_and_end_with_usage(served, offline):
+    texts, chat = offline
+    client = _client(served)
+    prompt = PROMPTS[0]
+    chunks = list(client.completions.create(model=served.model, prompt=prompt, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == texts[prompt]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    chunks = list(client.chat.completions.create(model=served.model, messages=MESSAGES, stream=True, **GREEDY))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+def test_64_concurrent_streams_of_four_tenants_all_match(served, offline):
+    texts, _ = offline
+
+    async def one(client, i: int) -> tuple[str, str]:
+        prompt = PROMPTS[i % len(PROMPTS)]
+        stream = await client.completions.create(model=served.model, prompt=prompt, stream=True,
+                                                 user=f"tenant{i % 4}", **GREEDY)
+        return prompt, "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def main() -> list[tuple[str, str]]:
+        async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    assert all(text == texts[prompt] for prompt, text in asyncio.run(main()))
+    time.sleep(2.5)  # the server polls the engine's counters once a second
+    metrics = served.metrics()
+    assert all(metrics.get(f'fs_engine:tenant_service_tokens_total{{"tenant": "tenant{t}"}}', 0) > 0
+               for t in range(4))  # each tenant (the user field) was served as itself
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "frobnicate": True}, 400, "frobnicate"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "x", "max_tokens": 100_000}, 400, None),  # over max_model_len: the engine's reason
+])
+def test_bad_requests_get_openai_errors_and_the_server_serves_on(served, offline, body, status, param):
+    reply = httpx.post(f"{served.url}/v1/completions", json=body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["message"] and (param is None or param in (error["param"] or "") or param in error["message"])
+    out = _client(served).completions.create(model=served.model, prompt=PROMPTS[1], **GREEDY)
+    assert out.choices[0].text == offline[0][PROMPTS[1]]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_kv(served):
+    time.sleep(1.5)
+    before = served.metrics().get("fs_engine:request_aborted_total", 0)
+    with httpx.stream("POST", f"{served.url}/v1/completions",
+                      json={"prompt": "A long story", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk in, then hang up
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = served.metrics()
+        if m.get("fs_engine:request_aborted_total", 0) > before and m["fs_engine:num_requests_running"] == 0:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"the aborted request still holds KV: {served.metrics()}")
+    assert m["fs_engine:kv_cache_usage_perc"] < 1.0
+
+
+def test_metrics_parse_and_add_up_to_the_requests_served(model, tmp_path):
+    server = Served(model, tmp_path / "stderr.log")
+    try:
+        client = _client(server)
+        outs = [client.completions.create(model=server.model, prompt=p, **GREEDY) for p in PROMPTS]
+        time.sleep(2.5)  # the server polls the engine's counters once a second
+        m = server.metrics()
+        assert m["fs_engine:generation_tokens_total"] == sum(o.usage.completion_tokens for o in outs)
+        assert m["fs_engine:request_success_total"] == len(PROMPTS)
+        assert m['fs_engine:time_to_first_token_seconds_count{"tenant": "default"}'] == len(PROMPTS)
+        assert m['fs_engine:e2e_request_latency_seconds_count{"tenant": "default"}'] == len(PROMPTS)
+        assert m["fs_engine:num_requests_running"] == m["fs_engine:num_requests_waiting"] == 0
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"] == server.model
+    finally:
+        assert server.stop() == 0
+
+
+def test_api_keys_name_the_tenant_and_limits_answer_429(model, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"tenants": {"alice": {"weight": 2, "api_keys": ["sk-alice-0123456789abcdef"]},
+                                            "bob": {"api_keys": ["sk-bob-0123456789abcdefgh"]}}}))
+    server = Served(model, tmp_path / "stderr.log", "--api-keys", str(keys), max_requests_per_tenant=2)
+    try:
+        for key in (None, "sk-wrong-0123456789abcdef"):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}, headers=headers)
+            assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
+        alice = {"Authorization": "Bearer sk-alice-0123456789abcdef"}
+        long = {"prompt": "A long story", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60) as http:
+            streams = [http.stream("POST", f"{server.url}/v1/completions", json=long, headers=alice)
+                       for _ in range(2)]
+            responses = [s.__enter__() for s in streams]
+            lines = [r.iter_lines() for r in responses]  # (held: a dropped iterator closes its response)
+            for r, line in zip(responses, lines):
+                assert r.status_code == 200
+                next(line)
+            over = http.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=alice)
+            assert over.status_code == 429 and "max_requests_per_tenant" in over.json()["error"]["message"]
+            assert over.headers["Retry-After"] == "1"
+            bob = _client(server, "sk-bob-0123456789abcdefgh").completions.create(
+                model=server.model, prompt="y", max_tokens=2)  # another tenant is not limited by alice
+            assert bob.usage.completion_tokens == 2
+            for s in streams:
+                s.__exit__(None, None, None)
+        time.sleep(2.5)
+        m = server.metrics()
+        assert m.get('fs_engine:tenant_service_tokens_total{"tenant": "bob"}', 0) > 0
+        assert 'fs_engine:tenant_service_tokens_total{"tenant": "default"}' not in m
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_benchmark_replays_through_http_as_through_the_sdk(model, served):
+    """``fs-engine bench run --base-url``: the same conversations, token for token, as the in-process replay."""
+    from fs_engine.bench.driver import run_in_process
+    from fs_engine.bench.http_driver import run_against_http
+    from fs_engine.bench.workload import WorkloadConfig, generate
+    from fs_engine.engine.llm_engine import LLMEngine
+
+    trace = generate(WorkloadConfig(num_conversations=5, request_rate=20.0, scale=0.04, max_context=160, seed=5))
+    engine = LLMEngine(model, **FLAGS)
+    try:
+        local = run_in_process(engine, trace, progress=False)
+    finally:
+        engine.shutdown()
+    over_http = run_against_http(served.url, trace, progress=False, timeout_s=120)
+    assert not over_http.rejected and over_http.replies == local.replies
+    assert len(over_http.records) == trace.num_requests
+    assert over_http.engine_stats["num_generated_tokens"] == sum(len(r) for r in local.replies.values())
+    for record in over_http.records:
+        assert len(record.token_times) == len(over_http.replies[record.request_id]) > 0
+        assert record.token_times == sorted(record.token_times) and record.token_times[0] >= record.sent_s
