@@ -432,8 +432,9 @@ def test_a_flood_of_5000_requests_leaves_another_tenants_short_request_fast(mode
             send(flood, 5000, "flood", 64)
             time.sleep(1.0)  # the flood is in: every batch is full of it, over a thousand more wait
             stats = victim.stats()
-            assert stats["num_running"] + stats["num_waiting"] >= 1000
+            assert stats["num_running"] + stats["num_waiting"] >= 900  # (of the 1,024 its limit admitted)
             flooded, flooded_steps = best()
+            assert victim.stats()["num_waiting"] >= 500  # the flood was there all along
         assert launched.proc.poll() is None
         print(f"idle {idle * 1e3:.0f} ms; next to a full batch {full_batch * 1e3:.0f} ms, {full_steps} steps; under "
               f"the flood {flooded * 1e3:.0f} ms, {flooded_steps} steps ({flooded / idle:.1f}x idle)")
