@@ -67,11 +67,12 @@ def main() -> int:
     model = args.model or str(make_tiny_model("qwen3", Path(tempfile.mkdtemp()) / "qwen3", seed=0, preset="default"))
     trace = generate(WorkloadConfig(num_conversations=args.conversations, request_rate=args.rate, scale=args.scale,
                                     max_context=1024, seed=1))
-    flags = ["--model", model, *args.engine_flags]
-    launch, address = start(["launch", "--port", "0", *flags], r"ready at (tcp://\S+)")
-    serve, url = start(["serve", "--port", "0", *flags], r"ready at (http://\S+)")
+    launch, address = start(["launch", "--model", model, "--port", "0", *args.engine_flags], r"ready at (tcp://\S+)")
+    procs = [launch]
     rows = []
     try:
+        serve, url = start(["serve", model, "--port", "0", *args.engine_flags], r"ready at (http://\S+)")
+        procs.append(serve)
         for k in range(args.rounds):
             sdk = run_against_server(address, trace, progress=False)
             http = run_against_http(url, trace, progress=False)
@@ -84,7 +85,7 @@ def main() -> int:
                   f"({h['tokens_per_s'] / s['tokens_per_s']:.3f}x); TTFT p50 sdk {s['ttft_p50_ms']:.0f} ms "
                   f"http {h['ttft_p50_ms']:.0f} ms; p95 {s['ttft_p95_ms']:.0f} / {h['ttft_p95_ms']:.0f} ms", flush=True)
     finally:
-        for proc in (launch, serve):
+        for proc in procs:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
     med = {side: {key: statistics.median(r[side][key] for r in rows) for key in rows[0][side]}
