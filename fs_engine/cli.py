@@ -106,18 +106,12 @@ def _launch_keys(args: argparse.Namespace):
     if args.server_key is None:
         raise ValueError("--keys needs the server's own key pair: --server-key server.key_secret "
                          "(make one with `fs-engine keys DIR server`)")
-    from fs_engine.config import parse_tenant_weights
     from fs_engine.engine.auth import Keys
     from ipc.channels import CurveKeys
 
     keys = Keys.load(args.keys)
     server_key = CurveKeys.load(args.server_key)
-    weights = dict(parse_tenant_weights(kwargs.get("tenant_weights")))
-    for tenant, weight in keys.weights.items():
-        if weights.setdefault(tenant, weight) != weight:
-            raise ValueError(f"tenant {tenant!r} weighs {weights[tenant]:g} in --tenant-weights and {weight:g} in "
-                             f"the keys file: give it in one place")
-    kwargs["tenant_weights"] = weights
+    kwargs["tenant_weights"] = keys.merged_weights(kwargs.get("tenant_weights"))
     return keys, server_key, kwargs
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import pydantic
 import zmq
@@ -29,6 +29,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
+from fs_engine.config import parse_tenant_weights
 from ipc.channels import ZAP_DOMAIN
 
 MAX_LABEL_CHARS = 1024  # as LLMEngine's tenant names
@@ -89,8 +90,15 @@ class Keys:
                              f"see fs_engine/engine/auth.py for the format)") from e
         return cls(parsed.tenants, path.parent)
 
-    def tenant_weights(self) -> tuple[tuple[str, float], ...]:
-        return tuple(sorted(self.weights.items()))
+    def merged_weights(self, given: Any) -> dict[str, float]:
+        """The fair-share weights of a launch with this file: ``given`` (``--tenant-weights``) and the file's; a
+        tenant in both must weigh the same in both."""
+        weights = dict(parse_tenant_weights(given))
+        for tenant, weight in self.weights.items():
+            if weights.setdefault(tenant, weight) != weight:
+                raise ValueError(f"tenant {tenant!r} weighs {weights[tenant]:g} in --tenant-weights and {weight:g} "
+                                 f"in the keys file: give it in one place")
+        return weights
 
 
 def _curve_key(text: str, base: Path) -> bytes:

@@ -24,7 +24,6 @@ ENGINE_READY_TIMEOUT_S = 600.0
 
 def serve(args: argparse.Namespace, launch_argv: list[str]) -> int:
     from fs_engine.client import Client
-    from fs_engine.config import parse_tenant_weights
     from fs_engine.engine.auth import Keys
     from fs_engine.engine.llm_engine import resolve_model_path
     from fs_engine.http.api_server import OpenAIServer, ServedModel
@@ -35,11 +34,7 @@ def serve(args: argparse.Namespace, launch_argv: list[str]) -> int:
     if keys is not None and not keys.by_api_key:
         raise ValueError(f"the keys file {args.api_keys} lists no api_keys: nobody could use the HTTP API")
     if keys is not None:  # its tenants' weights are the engine's fair-share weights
-        weights = dict(parse_tenant_weights(getattr(args, "tenant_weights", None)))
-        for tenant, weight in keys.weights.items():
-            if weights.setdefault(tenant, weight) != weight:
-                raise ValueError(f"tenant {tenant!r} weighs {weights[tenant]:g} in --tenant-weights and {weight:g} "
-                                 f"in the keys file: give it in one place")
+        weights = keys.merged_weights(getattr(args, "tenant_weights", None))
         launch_argv = [*_without(launch_argv, "--tenant-weights"), "--tenant-weights",
                        ",".join(f"{t}={w:g}" for t, w in sorted(weights.items()))]
     tokenizer = load_tokenizer(model_path)
