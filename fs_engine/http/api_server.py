@@ -43,6 +43,7 @@ STATS_POLL_S = 1.0
 RATE_LIMITS = ("max_requests_per_tenant", "max_prompt_tokens_per_tenant", "max_requests_per_client",
                "max_prompt_tokens_per_client")  # the engine's limits that mean "later", not "never"
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
 class APIError(Exception):
@@ -216,14 +217,25 @@ class OpenAIServer:
             self.metrics.http.labels(endpoint, "200").inc()
             return StreamingResponse(self._sse(request, stream, first, response, body.include_usage),
                                      media_type="text/event-stream")
-        try:
-            async with stream:
+        async def consume() -> None:
+            async with stream:  # (leaving it early aborts the request)
                 async for event in stream:
                     response.add(event)
+
+        task = asyncio.ensure_future(consume())
+        try:
+            while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():  # nobody will read the answer: free its KV now
+                    task.cancel()
+                    self.metrics.http.labels(endpoint, "499").inc()
+                    return Response(status_code=499)
+            task.result()
         except RemoteError as e:
             raise _engine_error(e) from e
         except EngineDeadError as e:
             raise APIError(503, f"the engine is not serving: {e}", "service_unavailable") from e
+        finally:
+            task.cancel()  # (a no-op once it is done)
         self.metrics.http.labels(endpoint, "200").inc()
         return JSONResponse(response.whole())
 

@@ -175,6 +175,21 @@ def test_a_client_that_disconnects_mid_stream_frees_its_kv(served):
     assert m["fs_engine:kv_cache_usage_perc"] < 1.0
 
 
+def test_a_client_that_gives_up_on_a_non_streaming_request_frees_its_kv(served):
+    time.sleep(1.5)
+    before = served.metrics().get("fs_engine:request_aborted_total", 0)
+    with pytest.raises(httpx.ReadTimeout):  # it hangs up after a second, long before the 1,500 tokens
+        httpx.post(f"{served.url}/v1/completions", json={"prompt": "A long story", "max_tokens": 1500,
+                                                          "ignore_eos": True}, timeout=1.0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = served.metrics()
+        if m.get("fs_engine:request_aborted_total", 0) > before and m["fs_engine:num_requests_running"] == 0:
+            return
+        time.sleep(0.3)
+    pytest.fail(f"the abandoned request still runs: {served.metrics()}")
+
+
 def test_metrics_parse_and_add_up_to_the_requests_served(model, tmp_path):
     server = Served(model, tmp_path / "stderr.log")
     try:
