@@ -156,38 +156,38 @@ def test_bad_requests_get_openai_errors_and_the_server_serves_on(served, offline
     assert out.choices[0].text == offline[0][PROMPTS[1]]
 
 
+def _aborted_since(served, before: float) -> dict[str, float]:
+    """/metrics once the engine has aborted one more request and runs none (within 20 s, or the test fails)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = served.metrics()
+        if m.get("fs_engine:request_aborted_total", 0) > before and m["fs_engine:num_requests_running"] == 0:
+            return m
+        time.sleep(0.3)
+    pytest.fail(f"the abandoned request still runs: {served.metrics()}")
+
+
+def _aborted_so_far(served) -> float:
+    time.sleep(1.5)  # the server polls the engine's counters once a second
+    return served.metrics().get("fs_engine:request_aborted_total", 0)
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_kv(served):
-    time.sleep(1.5)
-    before = served.metrics().get("fs_engine:request_aborted_total", 0)
+    before = _aborted_so_far(served)
     with httpx.stream("POST", f"{served.url}/v1/completions",
                       json={"prompt": "A long story", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 break  # one chunk in, then hang up
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        m = served.metrics()
-        if m.get("fs_engine:request_aborted_total", 0) > before and m["fs_engine:num_requests_running"] == 0:
-            break
-        time.sleep(0.3)
-    else:
-        pytest.fail(f"the aborted request still holds KV: {served.metrics()}")
-    assert m["fs_engine:kv_cache_usage_perc"] < 1.0
+    assert _aborted_since(served, before)["fs_engine:kv_cache_usage_perc"] < 1.0
 
 
 def test_a_client_that_gives_up_on_a_non_streaming_request_frees_its_kv(served):
-    time.sleep(1.5)
-    before = served.metrics().get("fs_engine:request_aborted_total", 0)
+    before = _aborted_so_far(served)
     with pytest.raises(httpx.ReadTimeout):  # it hangs up after a second, long before the 1,500 tokens
         httpx.post(f"{served.url}/v1/completions", json={"prompt": "A long story", "max_tokens": 1500,
                                                           "ignore_eos": True}, timeout=1.0)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        m = served.metrics()
-        if m.get("fs_engine:request_aborted_total", 0) > before and m["fs_engine:num_requests_running"] == 0:
-            return
-        time.sleep(0.3)
-    pytest.fail(f"the abandoned request still runs: {served.metrics()}")
+    assert _aborted_since(served, before)["fs_engine:kv_cache_usage_perc"] < 1.0
 
 
 def test_metrics_parse_and_add_up_to_the_requests_served(model, tmp_path):
