@@ -157,6 +157,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.out:
         files = write_report(Path(args.out), {"run": summary}, {"run": result.records}, trace.tenant_weights,
                              baseline="run")
+        # the generated ids of every turn, so two servers' runs of one trace can be compared token for token
+        files["replies"] = Path(args.out) / "replies.json"
+        files["replies"].write_text(json.dumps(result.replies, sort_keys=True) + "\n")
         print("wrote " + ", ".join(str(p) for p in files.values()))
     return 0
 

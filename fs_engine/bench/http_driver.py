@@ -33,6 +33,7 @@ _METRICS = {
     "fs_engine:swap_out_bytes_total": "swap_out_bytes", "fs_engine:swap_in_bytes_total": "swap_in_bytes",
     "fs_engine:swap_seconds_total": "swap_s", "fs_engine:swap_commands_total": "swap_commands",
     "fs_engine:reused_prefix_tokens_total": "reused_prefix_tokens",
+    "vllm:prefix_cache_hits_total": "reused_prefix_tokens",  # prompt tokens whose KV vLLM's prefix cache held
     "fs_engine:reused_device_tokens_total": "reused_resident_tokens",
     "fs_engine:recomputed_tokens_total": "num_recomputed_tokens",
     "fs_engine:request_success_total": "num_finished_requests",

@@ -95,6 +95,8 @@ def test_bench_run_simulate_prints_virtual_time_figures(model, tmp_path, capsys)
     summary = json.loads((out / "results.json").read_text())["run"]
     assert summary["engine"]["sim_steps"] > 0 and summary["duration_s"] < 5  # virtual seconds on an H200
     assert (out / "steps-run.csv").read_text().startswith("t,seconds")
+    replies = json.loads((out / "replies.json").read_text())  # every turn's ids, to compare two servers' runs
+    assert len(replies) == summary["num_requests"] and sum(map(len, replies.values())) == summary["num_output_tokens"]
     assert main(["run", "--model", model, "--step-log", "--num-conversations", "1"]) == 2  # needs --simulate
     assert "--step-log needs --simulate" in capsys.readouterr().err
 
