@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import selectors
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -206,6 +208,56 @@ def test_metrics_parse_and_add_up_to_the_requests_served(model, tmp_path):
         assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"] == server.model
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="no prometheus server here (apt install prometheus)")
+def test_a_real_prometheus_server_scrapes_the_counters(served, tmp_path):
+    """Prometheus itself (Debian's package) scrapes /metrics every second; its view of the counters ends equal
+    to the server's own, and the target is up with every fs_engine family ingested."""
+    url = httpx.URL(served.url)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: fs-engine, static_configs: [{{targets: ['{url.host}:{url.port}']}}]}}]\n")
+    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
+    api = f"http://127.0.0.1:{port}/api/v1"
+
+    def query(expr: str) -> list:
+        try:
+            reply = httpx.get(f"{api}/query", params={"query": expr}, timeout=5)
+        except httpx.TransportError:
+            return []  # not listening yet
+        return reply.json()["data"]["result"] if reply.status_code == 200 else []
+
+    try:
+        client = _client(served)
+        outs = [client.completions.create(model=served.model, prompt=p, **GREEDY) for p in PROMPTS]
+        assert all(o.usage.completion_tokens == 12 for o in outs)
+        time.sleep(2.5)  # the server polls the engine's counters once a second
+        want = served.metrics()["fs_engine:generation_tokens_total"]
+        deadline, seen = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            result = query("fs_engine:generation_tokens_total")
+            seen = float(result[0]["value"][1]) if result else None
+            if seen == want:
+                break
+            time.sleep(0.5)
+        assert seen == want, f"prometheus sees {seen}, the server says {want}; log:\n{(tmp_path / 'prometheus.log').read_text()[-2000:]}"
+        assert [float(r["value"][1]) for r in query('up{job="fs-engine"}')] == [1.0]
+        names = httpx.get(f"{api}/label/__name__/values").json()["data"]
+        for family in ("fs_engine:num_requests_running", "fs_engine:time_to_first_token_seconds_bucket",
+                       "fs_engine:kv_cache_usage_perc", "fs_engine:num_preemptions_total"):
+            assert family in names, family
+        # a dashboard's query: the median TTFT from the histogram's buckets, as PromQL computes it
+        median = query("histogram_quantile(0.5, sum by (le) (fs_engine:time_to_first_token_seconds_bucket))")
+        assert median and 0 < float(median[0]["value"][1]) < 60
+    finally:
+        prom.terminate()
+        prom.wait(30)
 
 
 def test_api_keys_name_the_tenant_and_limits_answer_429(model, tmp_path):
