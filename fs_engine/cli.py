@@ -167,7 +167,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot listen on {address}: {e.strerror}; choose another --port (0: any free one)") from e
     server.install_signal_handlers()
     print(f"fs-engine ready at {server.address} (model {engine.config.model.model}, {engine.arch.architecture}, "
-          f"device {engine.executor.device}, {engine.kv.num_blocks} KV blocks, frontend pid {os.getpid()}, "
+          f"device {engine.executor.device}, {engine.executor.forward}, {engine.kv.num_blocks} KV blocks, "
+          f"frontend pid {os.getpid()}, "
           f"run dir {engine.executor.run_dir})",
           flush=True)
     return server.serve()

@@ -15,6 +15,7 @@ from typing import Any
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BLOCK_ALLOCATORS = ("group", "block")
+COMPILE_MODES = ("auto", "off", "on")
 COPY_GRANULARITIES = ("group", "block", "block_layer")
 POLICIES = ("fcfs", "priority", "vtc")
 PREEMPTION_MODES = ("swap", "recompute")
@@ -187,6 +188,9 @@ class DeviceConfig:
                                 default=False)
     max_graph_batch_size: int = _help("CUDA: largest decode batch captured as a CUDA graph (larger runs eagerly)",
                                       default=256)
+    compile: str = _help("the model's forward under torch.compile (Inductor, attention as a custom op): auto (on "
+                         "CUDA; off on CPU, where it does not pay), on (an error if the model cannot be compiled), "
+                         "off", default="auto")
     sim_execute: str = _help("simulated devices: shapes (no weights; sampled tokens are a fixed function of the "
                              "context) or model (also run the real model on the CPU for the tokens)", default="shapes")
 
@@ -203,6 +207,7 @@ class DeviceConfig:
         check_value(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
                f"choose one of {ATTENTION_BACKENDS}")
         check_value(self.max_graph_batch_size >= 1, "max_graph_batch_size", self.max_graph_batch_size, "must be >= 1")
+        check_value(self.compile in COMPILE_MODES, "compile", self.compile, f"choose one of {COMPILE_MODES}")
 
 
 @dataclass(frozen=True)

@@ -298,6 +298,7 @@ class WorkerReady:
     block_bytes: int
     arena: dict  # how another process opens this rank's device arena (shared-memory path or CUDA IPC handle)
     config_digest: str = ""  # of the engine arguments it runs with: every machine's ranks must agree
+    forward: str = "eager"  # how the model's forward runs: eager, or compiled and how long that took
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Decode throughput of a resident batch: fs-engine with CUDA graphs, fs-engine eager, transformers ``generate``.
+"""Decode throughput of a resident batch: fs-engine eager, compiled (``compile=on``), with CUDA graphs, compiled with
+CUDA graphs, and transformers ``generate``.
 
 For each batch size in ``--batches``, that many requests (random prompts of exactly ``--prompt-len`` tokens, greedy,
 exactly ``--new-tokens`` new tokens each, eos ignored) run through each of the three on the same checkpoint, dtype
@@ -15,13 +16,18 @@ How decode-only time is measured:
   tokens to the arrival of the last. One batch with no padding (every prompt has the same length), its default KV
   cache and attention implementation.
 
-The three run one after another, each model freed before the next is built, so that an 8B (or TP-free 32B) model
-fits; each measurement is the median of ``--repeats``. On CPU there are no CUDA graphs: both fs-engine rows run the
-same eager code (the output says so). A checkpoint without safetensors (``tools/make_shapes_config.py``) runs the
+They run one after another, each model freed before the next is built, so that an 8B (or TP-free 32B) model
+fits; each measurement is the median of ``--repeats``. On CPU there are no CUDA graphs, so ``graphs`` and
+``compiled+graphs`` are left out there. A compiled configuration also reports its start-up: the engine's
+construction with Inductor's cache empty (a fresh ``TORCHINDUCTOR_CACHE_DIR`` for this run, unless
+``--inductor-cache`` names one) and again with it warm, as a second start would find it, and the largest
+difference between its greedy tokens and the eager ones (none expected). A checkpoint without safetensors (``tools/make_shapes_config.py``) runs the
 engine with ``load_format=dummy`` and transformers from its config with random initialisation in the same dtype:
 decode speed does not depend on the weights' values, only their shapes.
 
-    python tools/bench_decode.py                                    # tiny qwen3, CPU
+    python tools/bench_decode.py                                    # tiny qwen3, CPU: eager, compiled, transformers
+    python tools/make_shapes_config.py --shape qwen3-100m --out /tmp/q100m    # about 100M parameters
+    python tools/bench_decode.py --model /tmp/q100m --batches 1,8,32 --skip transformers
     python tools/make_shapes_config.py --shape llama3-8b --out /tmp/llama3-8b
     python tools/bench_decode.py --model /tmp/llama3-8b --batches 1,8,32,64 --json decode.json
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import statistics
 import sys
@@ -47,7 +54,11 @@ from fs_engine.kv.kv_manager import blocks_for  # noqa: E402
 from fs_engine.model_config import load_model_arch  # noqa: E402
 from fs_engine.tiny_model import make_tiny_model  # noqa: E402
 
-CONFIGS = ("graphs", "eager", "transformers")
+CONFIGS = ("eager", "compiled", "graphs", "compiled+graphs", "transformers")
+ENGINE_CONFIGS = {  # name -> (compile, enforce_eager)
+    "eager": ("off", True), "compiled": ("on", True), "graphs": ("off", False), "compiled+graphs": ("on", False),
+}
+GPU_ONLY = ("graphs", "compiled+graphs")
 
 
 def make_prompts(vocab_size: int, n: int, length: int, seed: int) -> list[list[int]]:
@@ -62,11 +73,12 @@ def free_memory(device: torch.device) -> None:
 
 
 # ---- fs-engine -----------------------------------------------------------------------------------------------
-def engine_args(args, load_format: str, eager: bool) -> dict:
+def engine_args(args, load_format: str, config: str) -> dict:
     max_batch = max(args.batches)
+    compile_mode, eager = ENGINE_CONFIGS[config]
     kwargs = {
         "dtype": args.dtype, "device": args.device, "attention_backend": args.attention_backend,
-        "enforce_eager": eager, "load_format": load_format, "block_size": args.block_size, "max_num_seqs": max_batch,
+        "enforce_eager": eager, "compile": compile_mode, "load_format": load_format, "block_size": args.block_size, "max_num_seqs": max_batch,
         "max_graph_batch_size": max_batch,
         "max_num_batched_tokens": max(2048, max_batch * args.prompt_len),  # the whole batch prefills in one step
         # a resident batch: KV for every request at full length, no swap space, no host copies of finished KV
@@ -112,14 +124,18 @@ def what_ran(llm: LLM) -> dict:
     runner = getattr(worker, "runner", None)
     return {"cuda_graphs": getattr(runner, "graphs", None) is not None,
             "attention_backend": getattr(getattr(runner, "attn", None), "name", "unknown"),
-            "dtype": getattr(worker, "dtype_name", "unknown")}
+            "dtype": getattr(worker, "dtype_name", "unknown"),
+            "forward": runner.forward_summary() if runner is not None else "unknown"}
 
 
-def run_engine(args, model_dir: str, load_format: str, eager: bool, prompt_sets: dict[int, list]) -> tuple[dict, dict]:
-    """Median decode time per batch size, and what actually ran (graphs captured or not, the attention backend)."""
-    llm = LLM(model_dir, **engine_args(args, load_format, eager))
+def run_engine(args, model_dir: str, load_format: str, config: str, prompt_sets: dict[int, list]) -> tuple[dict, dict]:
+    """Median decode time per batch size, and what actually ran (graphs captured or not, the attention backend,
+    compiled or not, and how long the engine took to start)."""
+    start = time.perf_counter()
+    llm = LLM(model_dir, **engine_args(args, load_format, config))
+    start_s = time.perf_counter() - start
     try:
-        ran = what_ran(llm)
+        ran = {**what_ran(llm), "start_s": round(start_s, 2)}
         engine_decode(llm, prompt_sets[min(args.batches)][:2], 4, "warm")  # first-call allocations, autotuning
         results = {}
         for batch, prompts in prompt_sets.items():
@@ -129,6 +145,13 @@ def run_engine(args, model_dir: str, load_format: str, eager: bool, prompt_sets:
     finally:
         llm.engine.shutdown()
         del llm
+        free_memory(torch.device(args.resolved_device))
+    if ENGINE_CONFIGS[config][0] == "on":  # a second start finds Inductor's cache warm
+        start = time.perf_counter()
+        again = LLM(model_dir, **engine_args(args, load_format, config))
+        ran["warm_start_s"] = round(time.perf_counter() - start, 2)
+        again.engine.shutdown()
+        del again
         free_memory(torch.device(args.resolved_device))
     return results, ran
 
@@ -217,8 +240,10 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=None, help="KV block size (default 16; 256 for flash_attn)")
     ap.add_argument("--max-model-len", type=int, default=None,
                     help="engine max_model_len (default: the model's); CUDA graphs are captured for this length")
-    ap.add_argument("--skip", default="", help="comma-separated configurations to leave out: graphs, eager, "
-                                               "transformers")
+    ap.add_argument("--skip", default="", help="comma-separated configurations to leave out: eager, compiled, "
+                                               "graphs, compiled+graphs, transformers (on CPU the graph ones always)")
+    ap.add_argument("--inductor-cache", help="Inductor's cache directory (default: a fresh one, so the first "
+                                             "compiled start is a cold one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
@@ -238,8 +263,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--skip {','.join(sorted(unknown))}: choose among {', '.join(CONFIGS)}")
     on_gpu = args.resolved_device == "cuda"
+    if not on_gpu:
+        skip.update(GPU_ONLY)
 
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.inductor_cache or str(Path(tmp) / "inductor")
         model_dir = args.model or str(make_tiny_model(args.arch, Path(tmp) / "model", preset=args.preset))
         has_weights = any(Path(model_dir).glob("*.safetensors"))
         load_format = args.load_format or ("auto" if has_weights else "dummy")
@@ -252,16 +280,17 @@ def main() -> None:
             if name == "transformers":
                 measured[name], ran[name] = run_hf(args, model_dir, prompt_sets)
             else:
-                measured[name], ran[name] = run_engine(args, model_dir, load_format, name == "eager", prompt_sets)
+                measured[name], ran[name] = run_engine(args, model_dir, load_format, name, prompt_sets)
 
     device = torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
     rows = []
     for batch in args.batches:
         row = {"batch": batch, **{name: summarize(m[batch], batch, args.new_tokens) for name, m in measured.items()}}
-        if "graphs" in row and "eager" in row:
-            row["graphs_vs_eager"] = ratio(row["graphs"], row["eager"])
-            row["identical_outputs"] = measured["graphs"][batch]["tokens"] == measured["eager"][batch]["tokens"]
-        for name in ("graphs", "eager"):
+        for name in ("compiled", "graphs", "compiled+graphs"):
+            if name in row and "eager" in row:
+                row[f"{name}_vs_eager"] = ratio(row[name], row["eager"])
+                row[f"{name}_identical_to_eager"] = measured[name][batch]["tokens"] == measured["eager"][batch]["tokens"]
+        for name in ENGINE_CONFIGS:
             if name in row and "transformers" in row:
                 row[f"{name}_vs_transformers"] = ratio(row[name], row["transformers"])
         rows.append(row)
@@ -273,14 +302,15 @@ def main() -> None:
 
     print(f"{result['model']} on {device}, {args.dtype}: prompts of {args.prompt_len} tokens, {args.new_tokens} new "
           f"tokens each, decode-only tokens/s, median of {args.repeats}")
-    for name in ("graphs", "eager"):
+    for name in ENGINE_CONFIGS:
         if name in ran:
             r = ran[name]
-            print(f"  fs-engine {name:<6}: attention {r['attention_backend']}, CUDA graphs "
-                  f"{'captured' if r['cuda_graphs'] else 'off'}, block_size {args.block_size}, "
-                  f"load_format {load_format}")
-    if not on_gpu and "graphs" in ran:
-        print("  (CPU: CUDA graphs are a no-op, so 'graphs' and 'eager' run the same eager code)")
+            warm = f", warm start {r['warm_start_s']:.1f} s" if "warm_start_s" in r else ""
+            print(f"  fs-engine {name:<15}: attention {r['attention_backend']}, CUDA graphs "
+                  f"{'captured' if r['cuda_graphs'] else 'off'}, {r['forward']}; start {r['start_s']:.1f} s{warm}; "
+                  f"block_size {args.block_size}, load_format {load_format}")
+    if not on_gpu:
+        print("  (CPU: no CUDA graphs, so 'graphs' and 'compiled+graphs' are left out)")
     elif "graphs" in ran and not ran["graphs"]["cuda_graphs"]:
         print(f"  (the {ran['graphs']['attention_backend']} backend does not support CUDA graphs: "
               f"'graphs' ran eagerly)")
@@ -288,12 +318,15 @@ def main() -> None:
         print(f"  transformers: {ran['transformers']['weights']}; attention {ran['transformers']['attention']}")
     names = [n for n in CONFIGS if n in measured]
     header = "  " + f"{'batch':>5}  " + "  ".join(f"{n + ' tok/s':>18} {'ms/step':>8}" for n in names)
-    ratios = [k for k in ("graphs_vs_eager", "graphs_vs_transformers", "eager_vs_transformers") if k in rows[0]]
+    ratios = [k for k in rows[0] if k.endswith("_vs_eager") or k in ("eager_vs_transformers",
+                                                                      "compiled_vs_transformers")]
     print(header + "".join(f"  {k.replace('_vs_', '/'):>15}" for k in ratios))
 
     for row in rows:
         cells = "  ".join(f"{row[n]['decode_tokens_per_s']:18.1f} {row[n]['ms_per_step']:8.2f}" for n in names)
-        print(f"  {row['batch']:5d}  {cells}" + "".join(f"  {row[k]:14.2f}x" for k in ratios))
+        same = [k.removesuffix("_identical_to_eager") for k in row if k.endswith("_identical_to_eager") and not row[k]]
+        print(f"  {row['batch']:5d}  {cells}" + "".join(f"  {row[k]:14.2f}x" for k in ratios)
+              + (f"  tokens differ from eager: {', '.join(same)}" if same else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -23,6 +23,15 @@ SHAPES: dict[str, dict] = {
         "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128009,
         "torch_dtype": "bfloat16",
     },
+    # not a released model: Qwen3's layer at GPT-2-small scale (about 100M parameters, embeddings tied), for
+    # CPU benchmarks of a model larger than the tiny test ones
+    "qwen3-100m": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 768, "head_dim": 64,
+        "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
+        "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "hidden_act": "silu", "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "float32",
+    },
     "qwen2.5-32b": {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 5120,
         "intermediate_size": 27648, "num_hidden_layers": 64, "num_attention_heads": 40, "num_key_value_heads": 8,

@@ -1,7 +1,8 @@
 """Decode steps as CUDA graphs: one graph per padded batch size, captured at start-up, replayed every step.
 
 A decode step launches hundreds of small kernels; replaying them as one graph removes the per-kernel launch
-cost that dominates small batches. A graph replays fixed addresses and a fixed grid, so:
+cost that dominates small batches. With ``compile`` on, what is captured is the Inductor-compiled forward
+(its fused kernels, attention as the backend's own kernels between them). A graph replays fixed addresses and a fixed grid, so:
 
 - inputs live in static buffers sized for the largest captured batch; a step of ``n`` rows runs the graph of
   the smallest captured size ``>= n`` with the rows after ``n`` padded: their slot is -1, so their K/V is
@@ -12,7 +13,7 @@ cost that dominates small batches. A graph replays fixed addresses and a fixed g
 - all graphs share one memory pool, captured largest first: replays never overlap, so their intermediates
   may share memory; the output of a replay is read before the next replay.
 
-Prefill and mixed steps run eagerly. Replay equals an eager run of the same padded batch bit for bit (same
+Prefill and mixed steps run outside graphs (compiled when ``compile`` is on, else eagerly). Replay equals an eager run of the same padded batch bit for bit (same
 kernels, same shapes); a step of ``n`` rows may round differently from an eager step of ``n`` rows (the
 matmuls see another M), as in every engine that pads decode batches.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from workers.attention import AttentionBackend, AttentionMetadata
-from workers.models import ForwardContext
+from workers.compilation import forward_context
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -32,9 +33,10 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, attn: AttentionBackend, *, max_batch_size: int,
+    def __init__(self, forward, attn: AttentionBackend, *, max_batch_size: int,
                  max_blocks_per_seq: int, block_size: int) -> None:
-        self.model = model
+        """``forward(token_ids, positions)``: the model, eager or compiled (``workers.compilation``)."""
+        self.forward = forward
         self.attn = attn
         self.block_size = block_size
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -65,8 +67,8 @@ class DecodeGraphs:
         )
 
     def _forward(self, batch_size: int) -> torch.Tensor:
-        ctx = ForwardContext(self.backends[batch_size], self._meta(batch_size))
-        return self.model(self.token_ids[:batch_size], self.positions[:batch_size], ctx)
+        with forward_context(self.backends[batch_size], self._meta(batch_size)):
+            return self.forward(self.token_ids[:batch_size], self.positions[:batch_size])
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -69,6 +69,7 @@ class Worker:
             enforce_eager=config.device.enforce_eager,
             max_graph_batch_size=min(config.device.max_graph_batch_size, config.scheduler.max_num_seqs),
             max_model_len=max_model_len,
+            compile=config.device.compile,
         )
         self.layout: KVLayout = self.runner.kv_layout(self.dtype_name)
         self.num_blocks = 0

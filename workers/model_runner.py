@@ -6,6 +6,7 @@ plans update with diffs; the frontend stays the single owner of request state an
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -14,14 +15,16 @@ from fs_engine.kv.layout import KVLayout
 from fs_engine.model_config import ModelArch
 from ipc.messages import SamplingSpec, ScheduledChunk, StepPlan, StepResult
 from workers.attention import get_backend
+from workers.compilation import CompiledForward, forward_context, resolve_compile
 from workers.cuda_graphs import DecodeGraphs
 from workers.device_stream import DeviceStream
 from workers.input_batch import InputBatch
 from workers.kv_arena import allocate_kv_arena
 from workers.loader import load_model
-from workers.models import ForwardContext
 from workers.parallel import SINGLE, TPContext
 from workers.sampler import Sampler
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -40,10 +43,12 @@ class ModelRunner:
         enforce_eager: bool = True,
         max_graph_batch_size: int = 0,
         max_model_len: int = 0,
+        compile: str = "off",
     ) -> None:
         """CUDA graphs for decode steps are captured when the device is CUDA, ``enforce_eager`` is off and the
         attention backend supports them, for batches up to ``max_graph_batch_size`` of up to ``max_model_len``
-        tokens."""
+        tokens. ``compile`` (auto, on, off): the forward under ``torch.compile``, compiled and warmed up here,
+        before the KV arena is sized (``workers.compilation``); the graphs then capture the compiled code."""
         self.arch = arch
         self.dtype = dtype
         self.device = device
@@ -65,6 +70,67 @@ class ModelRunner:
         num_heads = arch.num_heads // tp.size
         self.num_heads = num_heads
         self.num_kv_heads = max(1, arch.num_kv_heads // tp.size)
+        self.forward = self.model  # (token_ids, positions) -> hidden states, inside a forward context
+        self.compiled: CompiledForward | None = None
+        self.compile_error: str | None = None  # why compile=auto fell back to eager
+        if resolve_compile(compile, device):
+            self._compile(required=compile == "on")
+
+    # ---- compilation ---------------------------------------------------------------------------------------
+    def _compile(self, required: bool) -> None:
+        """Compile the forward and warm it up on a throwaway arena: a two-request prefill, then decode steps of
+        one and three rows, all through the one compiled graph. A failure is an error with ``compile=on``; with
+        ``auto`` the runner stays eager and says why in one line."""
+        compiled = CompiledForward(self.model)
+        try:
+            start = time.perf_counter()
+            self._warm_up(compiled)
+            compiled.warm_s = time.perf_counter() - start
+        except Exception as e:  # noqa: BLE001 - whatever Dynamo or Inductor raised, the reason is reported
+            reason = _root_cause(e)
+            if required:
+                raise RuntimeError(f"compile=on: the model cannot be compiled ({reason}); use compile=off") from e
+            self.compile_error = reason
+            logger.warning("compile=auto: running the model eagerly, compilation failed: %s", reason)
+            return
+        self.compiled, self.forward = compiled, compiled
+        self._warm_compilations = compiled.compilations
+
+    @torch.inference_mode()
+    def _warm_up(self, forward) -> None:
+        layout = self.kv_layout(str(self.dtype).removeprefix("torch."))
+        num_blocks = max(3, -(-10 // self.block_size))  # every request's context fits: up to 10 tokens
+        table = list(range(num_blocks))
+        steps = [[("w0", [1] * 7, 0), ("w1", [2] * 3, 0)], [("w0", [3], 7)], [(f"w{i}", [4], 9) for i in range(3)]]
+        arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device)
+        attn = self.backend_cls(arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
+        for step in steps:
+            chunks = [ScheduledChunk(request_id, tokens, start, table, sample=True) for request_id, tokens, start in step]
+            inputs = InputBatch(self.block_size, num_blocks, self.device, num_rows=len(chunks)).prepare(
+                StepPlan(0, chunks))
+            with forward_context(attn, inputs.meta):
+                forward(inputs.token_ids, inputs.positions)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @property
+    def num_compilations(self) -> int:
+        return self.compiled.compilations if self.compiled is not None else 0
+
+    def forward_summary(self) -> str:
+        """For the start-up line: how the forward runs."""
+        if self.compiled is not None:
+            c = self.compiled
+            return (f"compiled ({c.compilations} graph{'s' if c.compilations != 1 else ''}, warm-up {c.warm_s:.1f} s "
+                    f"of which Inductor {c.compile_s:.1f} s)")
+        return f"eager (compile failed: {self.compile_error})" if self.compile_error else "eager"
+
+    def _check_no_recompilation(self) -> None:
+        if self.compiled is not None and self.compiled.compilations != self._warm_compilations:
+            self._warm_compilations = self.compiled.compilations
+            logger.warning("the compiled forward recompiled after warm-up (%d compilations now): a step's shapes "
+                           "or inputs fell outside the warm-up graph; report it with the step's batch",
+                           self.compiled.compilations)
 
     def _max_blocks_per_seq(self) -> int:
         return max(1, -(-self.max_model_len // self.block_size))
@@ -78,7 +144,7 @@ class ModelRunner:
         self.kv_arena = allocate_kv_arena(layout, num_blocks, self.dtype, self.device, shared_path)
         self.attn = self.backend_cls(self.kv_arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
         if self.graph_batch_size > 0:
-            self.graphs = DecodeGraphs(self.model, self.attn, max_batch_size=self.graph_batch_size,
+            self.graphs = DecodeGraphs(self.forward, self.attn, max_batch_size=self.graph_batch_size,
                                        max_blocks_per_seq=self._max_blocks_per_seq(),
                                        block_size=self.block_size)
             self.graphs.capture()
@@ -92,7 +158,8 @@ class ModelRunner:
         attn = self.backend_cls(arena, self.num_heads, self.num_kv_heads, self.arch.head_dim)
         chunk = ScheduledChunk("profile", [0] * num_tokens, 0, list(range(num_blocks)), sample=True)
         inputs = InputBatch(self.block_size, num_blocks, self.device, num_rows=1).prepare(StepPlan(0, [chunk]))
-        hidden = self.model(inputs.token_ids, inputs.positions, ForwardContext(attn, inputs.meta))
+        with forward_context(attn, inputs.meta):
+            hidden = self.forward(inputs.token_ids, inputs.positions)
         self.model.compute_logits(hidden[inputs.sample_rows])
         del arena, attn, hidden
 
@@ -120,7 +187,8 @@ class ModelRunner:
             if graphed:
                 hidden = self.graphs.run(inputs.token_ids, inputs.positions, meta)
             else:
-                hidden = self.model(inputs.token_ids, inputs.positions, ForwardContext(self.attn, meta))
+                with forward_context(self.attn, meta):
+                    hidden = self.forward(inputs.token_ids, inputs.positions)
             self.stream.launched(plan.step_id)
             sampled = [(r, i) for r, i in zip(plan.request_ids, plan.sample_index) if i >= 0]
             if sampled:
@@ -132,6 +200,15 @@ class ModelRunner:
             # a step that samples nothing (a long prompt's middle chunk) would return with its kernels still
             # queued; after sampling the stream is idle already and this costs nothing
             self.stream.synchronize()
+        self._check_no_recompilation()
         self._returned_at = time.perf_counter()
         result.execute_s = self._returned_at - start
         return result
+
+
+def _root_cause(error: BaseException) -> str:
+    """``Type: first line`` of the innermost exception (Dynamo wraps what its backend raised)."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__

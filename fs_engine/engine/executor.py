@@ -26,6 +26,7 @@ class InProcessExecutor:
         self.num_blocks, self.num_cpu_blocks = self.worker.init_kv_cache()
         self.layout: KVLayout = self.worker.layout
         self.device: str = str(self.worker.device)
+        self.forward: str = self.worker.runner.forward_summary()  # eager, or compiled in how long
         self.swaps: ThreadSwaps | None = None
         if self.num_cpu_blocks > 0:
             self.swaps = ThreadSwaps(self.worker.runner.kv_arena, self.worker.host_arena(),
@@ -49,8 +50,10 @@ class InProcessExecutor:
         """Everything runs in this process: if it is alive, so is the engine."""
 
     def stats(self) -> dict[str, float]:
-        """Executor-specific counters for ``LLMEngine.stats`` (the simulated executor reports its clock)."""
-        return {}
+        """Executor-specific counters for ``LLMEngine.stats`` (the simulated executor reports its clock); with
+        ``compile`` on, how many times the forward was compiled (once at start-up in steady state)."""
+        runner = self.worker.runner if self.worker is not None else None
+        return {"num_compilations": runner.num_compilations} if runner and runner.compiled is not None else {}
 
     def shutdown(self) -> None:
         if self.swaps is not None:

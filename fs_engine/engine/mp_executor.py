@@ -135,6 +135,7 @@ class MultiprocExecutor:
         self.num_blocks = ready.num_blocks
         self.num_cpu_blocks = ready.num_host_blocks
         self.device = ready.device
+        self.forward = ready.forward
         self.dtype_name = ready.dtype
         # the whole model's KV per block (every rank's shard together): what a swap of one block moves
         kv_heads = max(1, arch.num_kv_heads // self.tp_size) * self.tp_size

@@ -134,21 +134,25 @@ def test_bench_swap_bandwidth_measures_the_ceiling_and_copy_reports_against_it(t
     assert "ceil" in capsys.readouterr().out
 
 
-def test_bench_decode_compares_graphs_eager_and_transformers(tmp_path, monkeypatch, capsys):
+def test_bench_decode_compares_eager_compiled_graphs_and_transformers(tmp_path, monkeypatch, capsys):
     out = tmp_path / "decode.json"
     run_tool("bench_decode.py", ["--preset", "test", "--batches", "1,2", "--prompt-len", "8", "--new-tokens", "8",
                                  "--repeats", "1", "--json", str(out)], monkeypatch)
     result = json.loads(out.read_text())
     assert [r["batch"] for r in result["rows"]] == [1, 2]
+    on_cpu = result["device"].startswith("cpu")
+    names = ("eager", "compiled", "transformers") + (() if on_cpu else ("graphs", "compiled+graphs"))
     for row in result["rows"]:
-        for name in ("graphs", "eager", "transformers"):
-            assert row[name]["decode_tokens_per_s"] > 0
-        assert row["graphs"]["ms_per_step"] > 0 and row["graphs_vs_eager"] > 0
-        assert row["graphs_vs_transformers"] > 0 and row["eager_vs_transformers"] > 0
+        for name in names:
+            assert row[name]["decode_tokens_per_s"] > 0 and row[name]["ms_per_step"] > 0
+        assert row["compiled_vs_eager"] > 0 and row["eager_vs_transformers"] > 0
+        assert row["compiled_identical_to_eager"] is True
+    compiled = result["ran"]["compiled"]
+    assert compiled["forward"].startswith("compiled (1 graph") and compiled["warm_start_s"] > 0
+    assert result["ran"]["eager"]["forward"] == "eager"
     printed = capsys.readouterr().out
-    if result["device"].startswith("cpu"):  # no graphs: both engine rows run the same code, to the same tokens
-        assert not result["ran"]["graphs"]["cuda_graphs"] and "CUDA graphs are a no-op" in printed
-        assert all(row["identical_outputs"] is True for row in result["rows"])
+    if on_cpu:
+        assert "graphs" not in result["ran"] and "'graphs' and 'compiled+graphs' are left out" in printed
 
 
 def test_bench_engine_overhead_measures_this_tree_against_a_baseline(tmp_path, monkeypatch, capsys):

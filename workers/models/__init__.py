@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from fs_engine.model_config import ModelArch
-from workers.models.llama import ForwardContext, LlamaForCausalLM
+from workers.compilation import ForwardContext, forward_context
+from workers.models.llama import LlamaForCausalLM
 from workers.models.qwen2 import Qwen2ForCausalLM
 from workers.models.qwen3 import Qwen3ForCausalLM
 from workers.parallel import SINGLE, TPContext
@@ -21,4 +22,4 @@ def build_model(arch: ModelArch, tp: TPContext = SINGLE) -> nn.Module:
     return MODEL_CLASSES[arch.family](arch, tp)
 
 
-__all__ = ["MODEL_CLASSES", "ForwardContext", "build_model"]
+__all__ = ["MODEL_CLASSES", "ForwardContext", "build_model", "forward_context"]

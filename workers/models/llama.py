@@ -7,13 +7,12 @@ Parameter names follow the Hugging Face checkpoints except that q/k/v and gate/u
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fs_engine.model_config import ModelArch
-from workers.attention.backend import AttentionBackend, AttentionMetadata
+from workers.compilation import attention
 from workers.layers.activation import SiluAndMul
 from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -21,15 +20,6 @@ from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
 from workers.checkpoint_slice import materialize
 from workers.parallel import SINGLE, TPContext
-
-
-@dataclass
-class ForwardContext:
-    """What every attention layer needs in one forward pass: the backend (bound to the KV arena) and the
-    step's metadata."""
-
-    attn: AttentionBackend
-    meta: AttentionMetadata
 
 
 class LlamaAttention(nn.Module):
@@ -48,18 +38,18 @@ class LlamaAttention(nn.Module):
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k  # Qwen3 overrides with per-head RMSNorm
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.reshape(tokens, self.num_heads, self.head_dim)
-        k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
+        # split by heads after one view of the contiguous projection: q, k and v are views whose strides do
+        # not depend on the number of tokens, so a compiled forward needs no guard on it (one graph serves a
+        # one-token decode step and a long prefill alike)
+        qkv = qkv.view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         q, k = self.normalize_qk(q, k)
         q, k = self.rotary(positions, q, k)
-        out = ctx.attn.forward(self.layer_idx, q, k, v, ctx.meta)
-        return self.o_proj(out.reshape(tokens, q_size))
+        out = attention(q, k, v, self.layer_idx)  # the forward context's backend; one op when compiled
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
@@ -85,9 +75,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         # unfused residual adds, in the reference's order, so float32 output matches it exactly
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), ctx)
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -100,10 +90,10 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(layer_cls(arch, i, rotary, tp) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(token_ids)
         for layer in self.layers:
-            hidden = layer(positions, hidden, ctx)
+            hidden = layer(positions, hidden)
         return self.norm(hidden)
 
 
@@ -128,8 +118,9 @@ class LlamaForCausalLM(nn.Module):
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(token_ids, positions, ctx)
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states of every token; attention reads the forward context (``workers.compilation``)."""
+        return self.model(token_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
