@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu_session.sh checks   # kernel tests on CUDA, every `gpu` test                 (~5 min)
 #   bash tools/gpu_session.sh bench    # copy bandwidth, swap latency per granularity, overlap,
-#                                      # decode tokens/s (graphs / eager / transformers)     (~8 min)
+#                                      # decode tokens/s (eager / compiled / graphs / compiled+graphs / transformers)  (~8 min)
 #   bash tools/gpu_session.sh ablation # the FastSwitch ablation at Llama-3-8B shapes        (~8 min)
 #
 # Run from the repository root on the GPU machine (its python3 holds torch + Triton). pyzmq is not in that

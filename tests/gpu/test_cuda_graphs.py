@@ -14,7 +14,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
 def generate(model, prompts, **engine_args) -> list[list[int]]:
-    llm = LLM(model, device="cuda", dtype="float32", block_size=16, max_num_seqs=16, **engine_args)
+    llm = LLM(model, device="cuda", compile="off", dtype="float32", block_size=16, max_num_seqs=16, **engine_args)
     try:
         return [o.token_ids for o in llm.generate(prompts, GREEDY)]
     finally:
@@ -34,7 +34,7 @@ def test_triton_tokens_identical_to_the_torch_backend_and_transformers(tiny_mode
 def test_graph_replay_is_bit_identical_to_eager_on_the_padded_batch(tiny_model_dirs):
     import torch
 
-    llm = LLM(tiny_model_dirs["llama"], device="cuda", dtype="float32", block_size=16, max_num_seqs=24,
+    llm = LLM(tiny_model_dirs["llama"], device="cuda", compile="off", dtype="float32", block_size=16, max_num_seqs=24,
               attention_backend="triton")
     runner = llm.engine.executor.worker.runner
     graphs = runner.graphs
@@ -44,12 +44,12 @@ def test_graph_replay_is_bit_identical_to_eager_on_the_padded_batch(tiny_model_d
     runner.kv_arena.normal_(generator=gen)  # every block holds finite, distinct KV
     for n in (1, 3, 8, 13, 24):
         batch_size = next(b for b in graphs.batch_sizes if b >= n)
-        seq_lens = torch.randint(1, graphs.max_blocks_per_seq * 16, (n,), device="cuda", generator=gen)
-        tables = torch.randint(0, num_blocks, (n, graphs.max_blocks_per_seq), device="cuda", generator=gen)
+        seq_lens = torch.randint(1, graphs.max_blocks_per_seq * 16, (n,), device="cuda", compile="off", generator=gen)
+        tables = torch.randint(0, num_blocks, (n, graphs.max_blocks_per_seq), device="cuda", compile="off", generator=gen)
         meta = graphs._meta(batch_size)
-        token_ids = torch.randint(0, 512, (n,), device="cuda", generator=gen)
+        token_ids = torch.randint(0, 512, (n,), device="cuda", compile="off", generator=gen)
         positions = (seq_lens - 1).long()
-        slots = torch.randperm(num_blocks * 16, device="cuda", generator=gen)[:n]
+        slots = torch.randperm(num_blocks * 16, device="cuda", compile="off", generator=gen)[:n]
         step_meta = type(meta)(slots, torch.arange(n + 1, dtype=torch.int32, device="cuda"), seq_lens.int(),
                                tables.int(), [1] * n, seq_lens.tolist(), 1, int(seq_lens.max()))
         arena_before = runner.kv_arena.clone()
@@ -63,7 +63,7 @@ def test_graph_replay_is_bit_identical_to_eager_on_the_padded_batch(tiny_model_d
 
 def test_padded_rows_store_no_kv(tiny_model_dirs):
 
-    llm = LLM(tiny_model_dirs["qwen3"], device="cuda", dtype="float32", block_size=16, max_num_seqs=8,
+    llm = LLM(tiny_model_dirs["qwen3"], device="cuda", compile="off", dtype="float32", block_size=16, max_num_seqs=8,
               attention_backend="triton")
     runner = llm.engine.executor.worker.runner
     before = runner.kv_arena.clone()
@@ -76,10 +76,10 @@ def test_padded_rows_store_no_kv(tiny_model_dirs):
 
 
 def test_enforce_eager_and_non_graph_backends_capture_nothing(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["qwen2"], device="cuda", dtype="float32", attention_backend="torch")
+    llm = LLM(tiny_model_dirs["qwen2"], device="cuda", compile="off", dtype="float32", attention_backend="torch")
     assert llm.engine.executor.worker.runner.graphs is None  # the reference backend is never captured
     llm.engine.shutdown()
-    llm = LLM(tiny_model_dirs["qwen2"], device="cuda", dtype="float32", attention_backend="triton", enforce_eager=True)
+    llm = LLM(tiny_model_dirs["qwen2"], device="cuda", compile="off", dtype="float32", attention_backend="triton", enforce_eager=True)
     assert llm.engine.executor.worker.runner.graphs is None
     llm.engine.shutdown()
 
@@ -96,7 +96,7 @@ def test_llama3_8b_shapes_bf16_swap_preemption_and_reuse(tmp_path):
     model_dir = tmp_path / "l8b"
     tool = Path(__file__).resolve().parents[2] / "tools" / "make_shapes_config.py"
     subprocess.run([sys.executable, str(tool), "--shape", "llama3-8b", "--out", str(model_dir)], check=True)
-    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", device="cuda", policy="priority",
+    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", device="cuda", compile="off", policy="priority",
               num_gpu_blocks=160, max_num_seqs=16, preemption_cooldown_steps=1)
     engine = llm.engine
     rng = __import__("random").Random(0)
