@@ -10,9 +10,10 @@ per-step tensors are then no graph inputs, so they cause neither guards nor reco
 step's K/V into the arena in place; the arena is not a value in the graph (the schema declares no mutation),
 and the ops stay in order because each layer's hidden states depend on the previous layer's attention output.
 
-One compilation serves every step: the token dimension is marked dynamic and sizes are treated "oblivious"
-of the 0/1 specialization (``backed_size_oblivious``), so a one-token decode step and a 2,048-token prefill run
-the same compiled code. The runner compiles and warms up at start-up, before the KV arena is sized; Inductor's
+One compilation serves every step: the token dimension is marked dynamic, sizes are treated "oblivious" of
+the 0/1 specialization (``backed_size_oblivious``), and the model avoids views whose strides depend on the
+number of tokens (Q/K/V are split by heads from one view of the projection), so a one-token decode step and a
+2,048-token prefill run the same compiled code. The runner compiles and warms up at start-up, before the KV arena is sized; Inductor's
 FX-graph cache (on by default, in ``TORCHINDUCTOR_CACHE_DIR``) makes the next start fast. ``compilations``
 counts Dynamo's calls into Inductor: it must not grow after warm-up.
 """
@@ -29,7 +30,6 @@ import torch
 
 from fs_engine.config import COMPILE_MODES
 from workers.attention.backend import AttentionBackend, AttentionMetadata
-
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 A decode step launches hundreds of small kernels; replaying them as one graph removes the per-kernel launch
 cost that dominates small batches. With ``compile`` on, what is captured is the Inductor-compiled forward
-(its fused kernels, attention as the backend's own kernels between them). A graph replays fixed addresses and a fixed grid, so:
+(its fused kernels, attention as the backend's own kernels between them). A graph replays fixed addresses and
+a fixed grid, so:
 
 - inputs live in static buffers sized for the largest captured batch; a step of ``n`` rows runs the graph of
   the smallest captured size ``>= n`` with the rows after ``n`` padded: their slot is -1, so their K/V is
@@ -13,9 +14,10 @@ cost that dominates small batches. With ``compile`` on, what is captured is the 
 - all graphs share one memory pool, captured largest first: replays never overlap, so their intermediates
   may share memory; the output of a replay is read before the next replay.
 
-Prefill and mixed steps run outside graphs (compiled when ``compile`` is on, else eagerly). Replay equals an eager run of the same padded batch bit for bit (same
-kernels, same shapes); a step of ``n`` rows may round differently from an eager step of ``n`` rows (the
-matmuls see another M), as in every engine that pads decode batches.
+Prefill and mixed steps run outside graphs (compiled when ``compile`` is on, else eagerly). Replay equals a
+run of the same padded batch outside the graph bit for bit (same kernels, same shapes); a step of ``n`` rows
+may round differently from an unpadded step of ``n`` rows (the matmuls see another M), as in every engine
+that pads decode batches.
 """
 
 from __future__ import annotations

@@ -87,6 +87,8 @@ class ModelRunner:
             self._warm_up(compiled)
             compiled.warm_s = time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 - whatever Dynamo or Inductor raised, the reason is reported
+            # (tensor-parallel ranks trace the same code with the same shapes, so they fail alike, before the
+            # warm-up's first collective: no rank is left waiting in an all-reduce)
             reason = _root_cause(e)
             if required:
                 raise RuntimeError(f"compile=on: the model cannot be compiled ({reason}); use compile=off") from e

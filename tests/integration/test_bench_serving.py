@@ -14,9 +14,10 @@ from fs_engine.bench.workload import Trace, WorkloadConfig, generate
 from fs_engine.engine.llm_engine import LLMEngine
 from tests.launcher import Launched
 
-# small enough for CI, tight enough that requests are preempted: 8 conversations arriving within ~0.3 s,
+# small enough for CI, tight enough that requests are preempted: 8 conversations arriving within ~0.05 s
+# (a fast machine finishes first turns sooner than they arrived at 30/s and nothing is preempted),
 # whose requests need about twice the 24 x 4 KV slots
-WORKLOAD = ["--num-conversations", "8", "--request-rate", "30", "--scale", "0.05", "--max-context", "90",
+WORKLOAD = ["--num-conversations", "8", "--request-rate", "200", "--scale", "0.05", "--max-context", "90",
             "--tenants", "a=2,b=1", "--priority-pattern", "random", "--priority-interval-s", "0.05",
             "--trace-seed", "3"]
 ENGINE = ["--block-size", "4", "--num-gpu-blocks", "24", "--preemption-cooldown-steps", "1"]

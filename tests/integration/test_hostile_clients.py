@@ -429,10 +429,13 @@ def test_a_flood_of_5000_requests_leaves_another_tenants_short_request_fast(mode
             time.sleep(1.0)
             full_batch, full_steps = best()
             steady.close()  # its requests are aborted when the server next writes to it
+            finished_before = victim.stats()["num_finished_requests"]
             send(flood, 5000, "flood", 64)
             time.sleep(1.0)  # the flood is in: every batch is full of it, over a thousand more wait
             stats = victim.stats()
-            assert stats["num_running"] + stats["num_waiting"] >= 900  # (of the 1,024 its limit admitted)
+            # (of the 1,024 its limit admitted; a fast machine has finished some of them within that second)
+            flood_seen = stats["num_running"] + stats["num_waiting"] + stats["num_finished_requests"] - finished_before
+            assert flood_seen >= 900 and stats["num_waiting"] >= 500, stats
             flooded, flooded_steps = best()
             assert victim.stats()["num_waiting"] >= 500  # the flood was there all along
         assert launched.proc.poll() is None
