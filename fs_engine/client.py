@@ -452,7 +452,9 @@ class AsyncTokenStream:
             return
         self._done = True
         if self._inbox is not None:
-            await self._client._abandon(self.request_id, self._inbox)
+            # shielded: a task cancelled again while it closes its stream (as asyncio.timeout and servers do)
+            # must still tell the frontend, or the request runs on, holding its KV, with nobody reading it
+            await asyncio.shield(self._client._abandon(self.request_id, self._inbox))
 
     async def __aenter__(self) -> AsyncTokenStream:
         return self

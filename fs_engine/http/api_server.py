@@ -43,7 +43,6 @@ STATS_POLL_S = 1.0
 RATE_LIMITS = ("max_requests_per_tenant", "max_prompt_tokens_per_tenant", "max_requests_per_client",
                "max_prompt_tokens_per_client")  # the engine's limits that mean "later", not "never"
 RETRY_AFTER_S = 1
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
 class APIError(Exception):
@@ -223,19 +222,23 @@ class OpenAIServer:
                     response.add(event)
 
         task = asyncio.ensure_future(consume())
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
-                if await request.is_disconnected():  # nobody will read the answer: free its KV now
-                    task.cancel()
-                    self.metrics.http.labels(endpoint, "499").inc()
-                    return Response(status_code=499)
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():  # nobody will read the answer: free its KV now
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task  # its stream's exit sends the abort
+                self.metrics.http.labels(endpoint, "499").inc()
+                return Response(status_code=499)
             task.result()
         except RemoteError as e:
             raise _engine_error(e) from e
         except EngineDeadError as e:
             raise APIError(503, f"the engine is not serving: {e}", "service_unavailable") from e
         finally:
-            task.cancel()  # (a no-op once it is done)
+            task.cancel()  # (no-ops once they are done)
+            gone.cancel()
         self.metrics.http.labels(endpoint, "200").inc()
         return JSONResponse(response.whole())
 
@@ -349,3 +352,10 @@ class _Response:
     def usage_chunk(self) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj, first=False), "choices": [], "usage": self._usage()}
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client has hung up. The body is read already, so the server's next ASGI message is the
+    disconnect: waiting on it reacts at once (polling ``request.is_disconnected()`` reacted a poll later)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
