@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_http import start  # noqa: E402  (tools/ is this script's directory)
 
+from fs_engine.bench.driver import _ConversationState  # noqa: E402
 from fs_engine.bench.workload import Trace, WorkloadConfig, generate  # noqa: E402
 from fs_engine.tiny_model import make_tiny_model  # noqa: E402
 
@@ -99,16 +100,19 @@ def start_vllm(python: Path, model: str, args: argparse.Namespace, log: Path) ->
     return proc, url
 
 
-def replay(url: str, trace_path: Path, out: Path) -> tuple[dict, dict]:
-    """One ``fs-engine bench run --base-url`` replay; its summary and its replies."""
+def replay(url: str, trace_path: Path, out: Path, num_requests: int) -> tuple[dict, dict]:
+    """One ``fs-engine bench run --base-url`` replay of a trace of ``num_requests`` turns, every one of which
+    must be served; its summary and its replies."""
     cmd = [sys.executable, "-m", "fs_engine", "bench", "run", "--trace", str(trace_path), "--base-url", url,
            "--out", str(out), "--no-progress"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench run against {url} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    if "rejected" in done.stdout:
-        raise SystemExit(f"bench run against {url}: turns were rejected:\n{done.stdout[-2000:]}")
-    return (json.loads((out / "results.json").read_text())["run"], json.loads((out / "replies.json").read_text()))
+    summary = json.loads((out / "results.json").read_text())["run"]
+    if summary["num_requests"] != num_requests:
+        raise SystemExit(f"bench run against {url} served {summary['num_requests']} of {num_requests} turns:\n"
+                         f"{done.stdout[-2000:]}")
+    return summary, json.loads((out / "replies.json").read_text())
 
 
 def agreement(trace: Trace, a: dict[str, list[int]], b: dict[str, list[int]], model: str) -> dict:
@@ -126,16 +130,15 @@ def agreement(trace: Trace, a: dict[str, list[int]], b: dict[str, list[int]], mo
 def first_divergences(trace: Trace, a: dict[str, list[int]], b: dict[str, list[int]]):
     """(request id, prompt, reply a, reply b) of each conversation's first turn whose replies differ."""
     for conv in trace.conversations:
-        history: list[int] = []
-        for t, turn in enumerate(conv.turns):
-            request_id = f"{conv.conversation_id}-t{t}"
-            prompt = history + turn.user_token_ids
+        state = _ConversationState(conv)  # the replay's own ids and prompts, turn by turn
+        while not state.done:
+            request_id, prompt = state.request_id(), state.prompt()
             if request_id not in a or request_id not in b:
                 break
             if a[request_id] != b[request_id]:
                 yield request_id, prompt, a[request_id], b[request_id]
                 break
-            history = prompt + a[request_id]
+            state.finish_turn(prompt, a[request_id], 0.0)
 
 
 _HF: dict[str, object] = {}
@@ -191,19 +194,20 @@ def main() -> int:
     model = args.model or str(make_tiny_model("qwen3", work / "qwen3", seed=0, preset="default"))
     fs_flags = ["--policy", "priority", "--block-size", str(VLLM_BLOCK), "--num-gpu-blocks",
                 str(args.kv_tokens // VLLM_BLOCK), "--tenant-weights", args.tenants, *args.engine_flags]
-    procs: list[subprocess.Popen] = []
+    stops: list[tuple] = []  # (how to stop it, process)
     rounds = []
     try:
         vllm, vllm_url = start_vllm(Path(args.vllm_python), model, args, work / "vllm.log")
-        procs.append(vllm)
+        # vLLM's API server, engine core and worker share a process group of their own
+        stops.append((lambda: os.killpg(vllm.pid, signal.SIGTERM), vllm))
         fs, fs_url = start(["serve", model, "--port", "0", *fs_flags], r"ready at (http://\S+)")
-        procs.append(fs)
+        stops.append((lambda: fs.send_signal(signal.SIGTERM), fs))  # it stops its engine itself
         print(f"fs-engine serve at {fs_url} ({' '.join(fs_flags)}); vLLM at {vllm_url}; work dir {work}", flush=True)
         warmup = generate(WorkloadConfig(num_conversations=4, request_rate=8.0, scale=args.scale, seed=10_000,
                                          max_context=args.kv_tokens))
         warmup.save(work / "warmup.json")
         for name, url in (("fs_engine", fs_url), ("vllm", vllm_url)):  # first-call costs (oneDNN, allocator) on neither side
-            replay(url, work / "warmup.json", work / f"warmup-{name}")
+            replay(url, work / "warmup.json", work / f"warmup-{name}", warmup.num_requests)
         for k in range(args.rounds):
             trace = generate(WorkloadConfig(num_conversations=args.conversations, request_rate=args.rate,
                                             scale=args.scale, max_context=args.kv_tokens, tenants=args.tenants,
@@ -214,7 +218,7 @@ def main() -> int:
             summaries, replies = {}, {}
             for name, url in order if k % 2 == 0 else order[::-1]:
                 time.sleep(IDLE_S)
-                summaries[name], replies[name] = replay(url, trace_path, work / f"round{k}-{name}")
+                summaries[name], replies[name] = replay(url, trace_path, work / f"round{k}-{name}", trace.num_requests)
             same = agreement(trace, replies["fs_engine"], replies["vllm"], model)
             rounds.append({"round": k, "requests": trace.num_requests, "first": "fs_engine" if k % 2 == 0 else "vllm",
                            "summaries": summaries, "agreement": same})
@@ -233,9 +237,9 @@ def main() -> int:
                       f"apart; transformers' greedy reply is fs-engine's: {d['fs_engine_matches_transformers']}, "
                       f"vLLM's: {d['vllm_matches_transformers']}", flush=True)
     finally:
-        for proc in procs:
+        for stop, proc in stops:
             try:
-                os.killpg(proc.pid, signal.SIGTERM) if proc is procs[0] else proc.send_signal(signal.SIGTERM)
+                stop()
                 proc.wait(60)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 proc.kill()
