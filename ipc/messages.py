@@ -207,6 +207,7 @@ class StepResult:
     swaps_done: list[SwapDone] = field(default_factory=list)  # every command completed since the last result
     swap_wait_s: float = 0.0  # time this step waited on swaps before its forward pass
     idle_s: float = 0.0  # how long the worker waited for this plan since it returned the previous result
+    num_compilations: int = 0  # times the worker's forward has been compiled so far (0: it runs eagerly)
 
 
 # ---- client <-> frontend ---------------------------------------------------------------------------------
@@ -299,6 +300,7 @@ class WorkerReady:
     arena: dict  # how another process opens this rank's device arena (shared-memory path or CUDA IPC handle)
     config_digest: str = ""  # of the engine arguments it runs with: every machine's ranks must agree
     forward: str = "eager"  # how the model's forward runs: eager, or compiled and how long that took
+    num_compilations: int = 0  # of the forward, in warm-up (0: eager); a step's result carries the count on
 
 
 @dataclass

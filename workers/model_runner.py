@@ -203,6 +203,7 @@ class ModelRunner:
             # queued; after sampling the stream is idle already and this costs nothing
             self.stream.synchronize()
         self._check_no_recompilation()
+        result.num_compilations = self.num_compilations
         self._returned_at = time.perf_counter()
         result.execute_s = self._returned_at - start
         return result

@@ -92,7 +92,8 @@ def run_worker(config: Any, arch: Any, max_model_len: int, rank: int, run_dir: s
         plans = Puller(ctx, addresses[f"plans-{rank}"], bind=False)
         _send(results, WorkerReady(rank, os.getpid(), num_blocks, num_host_blocks, str(worker.device),
                                  worker.dtype_name, worker.layout.block_bytes, worker.arena_spec(),
-                                 config_digest(config), worker.runner.forward_summary()), run_dir)
+                                 config_digest(config), worker.runner.forward_summary(),
+                                 worker.runner.num_compilations), run_dir)
         while True:
             msg = plans.recv(timeout_s=IDLE_POLL_S)
             if msg is None:

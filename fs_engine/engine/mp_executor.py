@@ -136,6 +136,7 @@ class MultiprocExecutor:
         self.num_cpu_blocks = ready.num_host_blocks
         self.device = ready.device
         self.forward = ready.forward
+        self.num_compilations = ready.num_compilations  # rank 0's; every rank runs the same shapes
         self.dtype_name = ready.dtype
         # the whole model's KV per block (every rank's shard together): what a swap of one block moves
         kv_heads = max(1, arch.num_kv_heads // self.tp_size) * self.tp_size
@@ -226,6 +227,8 @@ class MultiprocExecutor:
         run.started = max(run.started, self._last_collected)
         result = finish_plan(run, self.swaps, lambda: self._recv(self._results, f"step {run.plan.step_id}"))
         self._last_collected = time.perf_counter()
+        # a step that computed nothing (only waited for copies) has no count of its own
+        self.num_compilations = max(self.num_compilations, result.num_compilations)
         return result
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -233,8 +236,9 @@ class MultiprocExecutor:
         return self.collect()
 
     def stats(self) -> dict[str, float]:
-        """Executor-specific counters for ``LLMEngine.stats`` (the simulated executor reports its clock)."""
-        return {}
+        """Executor-specific counters for ``LLMEngine.stats``: with ``compile`` on, how many times rank 0's
+        forward was compiled (once, at start-up, in steady state)."""
+        return {"num_compilations": self.num_compilations} if self.num_compilations else {}
 
     def child_pids(self) -> list[int]:
         return [p.pid for p in (*self.workers, self.swapper) if p.pid is not None]

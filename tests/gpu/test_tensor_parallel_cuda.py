@@ -19,14 +19,17 @@ def _two_gpus():
         pytest.skip("needs two CUDA devices")
 
 
-@pytest.mark.parametrize("enforce_eager", [True, False])
-def test_two_gpus_give_one_gpus_tokens_under_swaps(tiny_model_dirs, enforce_eager):
+@pytest.mark.parametrize("enforce_eager,compile", [(True, "off"), (False, "off"), (False, "on")])
+def test_two_gpus_give_one_gpus_tokens_under_swaps(tiny_model_dirs, enforce_eager, compile):
+    """Eager, CUDA graphs over the collectives, and graphs over the compiled forward (all-reduce in the graph)."""
     model = tiny_model_dirs["qwen3"]
-    cuda = {"device": "cuda", "compile": "off", "dtype": "float32", "enforce_eager": enforce_eager, **ARGS}
-    expected = generate(LLMEngine(model, **cuda), PROMPTS)
-    engine = LLMEngine(model, multiprocess=True, tensor_parallel_size=2, **cuda)
+    cuda = {"device": "cuda", "dtype": "float32", "enforce_eager": enforce_eager, **ARGS}
+    expected = generate(LLMEngine(model, compile="off", **cuda), PROMPTS)
+    engine = LLMEngine(model, multiprocess=True, tensor_parallel_size=2, compile=compile, **cuda)
     try:
         assert generate(engine, PROMPTS) == expected
-        assert engine.stats()["num_swap_outs"] > 0
+        stats = engine.stats()
+        assert stats["num_swap_outs"] > 0
+        assert stats.get("num_compilations", 0) == (1 if compile == "on" else 0)
     finally:
         engine.shutdown()

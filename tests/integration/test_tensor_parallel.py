@@ -67,6 +67,21 @@ def test_ranks_give_the_single_rank_tokens_under_swap_preemption(tiny_model_dirs
     assert stats["num_free_gpu_blocks"] == stats["num_gpu_blocks"]
 
 
+def test_compiled_ranks_give_the_eager_single_rank_tokens_and_compile_once(tiny_model_dirs, single_rank):
+    """``compile=on`` at two ranks: Dynamo traces the row-parallel layers' all-reduce into the one graph (no
+    graph break, ``fullgraph``), and swap preemption's batch sizes never recompile it (the count comes back
+    from rank 0 with every step)."""
+    engine = LLMEngine(tiny_model_dirs["qwen3"], multiprocess=True, tensor_parallel_size=2, compile="on", **ARGS)
+    try:
+        assert engine.executor.forward.startswith("compiled (1 graph,")
+        got = generate(engine, PROMPTS)
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert got == single_rank["qwen3"]
+    assert stats["num_swap_outs"] > 0 and stats["num_compilations"] == 1
+
+
 def test_ranks_give_the_single_rank_tokens_under_recompute_and_multi_turn_reuse(tiny_model_dirs):
     model = tiny_model_dirs["qwen3"]
     recompute = {**ARGS, "preemption_mode": "recompute"}
