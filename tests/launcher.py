@@ -26,12 +26,14 @@ ENGINE_FLAGS = {"block_size": 4, "num_gpu_blocks": 48, "policy": "priority", "pr
 class Launched:
     """One ``python -m fs_engine launch`` process; stderr goes to a file so a full pipe never blocks it."""
 
-    def __init__(self, model: str, log: Path, **flags: object) -> None:
+    def __init__(self, model: str, log: Path, new_session: bool = False, **flags: object) -> None:
+        """``new_session``: the launch leads a process group of its own, as a terminal's foreground job does."""
         argv = [sys.executable, "-m", "fs_engine", "launch", "--model", model, "--port", "0"]
         for name, value in {**ENGINE_FLAGS, **flags}.items():
             argv += ["--" + name.replace("_", "-"), str(value)]
         self.log = log
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+                                     start_new_session=new_session)
         line = self._ready_line(timeout_s=180)
         match = READY.search(line)
         assert match, f"unexpected ready line {line!r}"

@@ -13,6 +13,7 @@ import datetime
 import multiprocessing
 import os
 import shutil
+import signal
 import traceback
 from typing import Any
 
@@ -41,6 +42,13 @@ def _orphaned(run_dir: str) -> None:
     """The frontend is gone without shutting us down (it was killed): nobody else will clean up. Every child
     removes the run directory; the files' memory is freed once the last process unmaps them."""
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _leave_interrupts_to_the_frontend() -> None:
+    """Ctrl-C at a terminal interrupts the whole process group: the frontend stops the engine in order (its
+    children get ``Shutdown``, or notice it is gone), so a child ignores SIGINT rather than die mid-step with
+    a traceback of its own. SIGTERM and SIGKILL still stop it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _send(channel: Pusher, msg: Any, run_dir: str) -> None:
@@ -79,6 +87,7 @@ def _join_ranks(config: Any, rank: int, init_method: str):
 
 
 def run_worker(config: Any, arch: Any, max_model_len: int, rank: int, run_dir: str, addresses: dict) -> None:
+    _leave_interrupts_to_the_frontend()
     import zmq
 
     ctx = zmq.Context()
@@ -116,6 +125,7 @@ def run_worker(config: Any, arch: Any, max_model_len: int, rank: int, run_dir: s
 
 
 def run_swap_process(run_dir: str, addresses: dict) -> None:
+    _leave_interrupts_to_the_frontend()
     import zmq
 
     ctx = zmq.Context()

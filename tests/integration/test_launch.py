@@ -190,6 +190,24 @@ def test_sigterm_shuts_down_cleanly_and_a_killed_frontend_leaves_no_orphans(mode
     wait_until(lambda: not run_dir.exists(), 5, "the orphaned run directory to be removed")
 
 
+def test_ctrl_c_stops_the_whole_process_group_cleanly_without_a_traceback(model, tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to every process of the job: the children leave the stop to the
+    frontend, which shuts the engine down in order."""
+    launched = Launched(model, tmp_path / "a.log", new_session=True, num_gpu_blocks=1024)
+    children, run_dir = launched.processes()["children"], launched.run_dir
+    with Client(launched.address) as client:
+        stream = client.generate([4, 5, 6], max_tokens=500, temperature=0, ignore_eos=True)
+        next(stream)
+        os.killpg(launched.proc.pid, signal.SIGINT)
+        assert launched.proc.wait(30) == 0
+        with pytest.raises((EngineDeadError, RemoteError)):
+            for _ in stream:
+                pass
+    assert "Traceback" not in launched.log.read_text(), launched.log.read_text()[-2000:]
+    assert not any(alive(pid) for pid in children)
+    assert not run_dir.exists()
+
+
 def test_a_launch_on_a_taken_port_says_so_in_one_line_and_leaves_nothing(model, tmp_path):
     import socket
     import subprocess
