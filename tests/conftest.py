@@ -16,6 +16,20 @@ if not torch.cuda.is_available():
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
+# FS_TEST_ENGINE_ARGS="device=cuda,dtype=float32,compile=off": defaults for every engine a test builds in this
+# process (what a test passes itself still wins). tools/gpu_checks.sh runs the CPU suite's integration tests on
+# CUDA this way, in float32 so that the transformers oracle still applies.
+TEST_ENGINE_ARGS = dict(item.split("=", 1) for item in os.environ.get("FS_TEST_ENGINE_ARGS", "").split(",") if item)
+if TEST_ENGINE_ARGS:
+    from fs_engine.config import EngineConfig
+
+    _from_kwargs = EngineConfig.from_kwargs.__func__
+
+    def _with_test_defaults(cls, **kwargs):
+        return _from_kwargs(cls, **{**TEST_ENGINE_ARGS, **kwargs})
+
+    EngineConfig.from_kwargs = classmethod(_with_test_defaults)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():

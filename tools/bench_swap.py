@@ -253,7 +253,7 @@ def scenario_overlap(args) -> dict:
         per_ballast = blocks_for(args.ballast_tokens + args.steps + 40, 16)
         per_resident = blocks_for(64 + args.steps + 40, 16)
         engine = LLMEngine(model, policy="priority", swap_mode=mode, block_size=16, max_num_seqs=args.batch + 2,
-                           load_format=args.load_format, dtype=args.engine_dtype,
+                           load_format=args.load_format, dtype=args.engine_dtype, compile=args.compile,
                            num_gpu_blocks=args.batch * per_resident + per_ballast + 4, preemption_cooldown_steps=0)
         for i in range(args.batch):
             engine.add_request(f"r{i}", [rng.randrange(1000) for _ in range(64)], decode, priority=1)
@@ -300,7 +300,7 @@ def scenario_multiturn(args) -> dict:
     for mode in args.mode.split(","):
         for reuse in (False, True):
             engine = LLMEngine(model, policy="priority", swap_mode=mode, enable_kv_reuse=reuse, block_size=16,
-                               load_format=args.load_format, dtype=args.engine_dtype,
+                               load_format=args.load_format, dtype=args.engine_dtype, compile=args.compile,
                                num_gpu_blocks=2 * blocks_for(longest, 16) + 4, preemption_cooldown_steps=1)
             flips = random.Random(1)
 
@@ -340,6 +340,9 @@ def main() -> None:
     ap.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
                     help="overlap / multiturn: dummy = seeded random weights from config.json alone")
     ap.add_argument("--engine-dtype", default="auto", help="overlap / multiturn: the engine's dtype")
+    ap.add_argument("--compile", default="off", choices=("auto", "on", "off"),
+                    help="overlap / multiturn: the engine's compile mode (default off: the copies are measured, and a "
+                         "compilation per engine would only lengthen the run)")
     ap.add_argument("--workdir", default=None, help="where to build the default model (default: a temp dir)")
     ap.add_argument("--batch", type=int, default=8, help="overlap: resident requests decoding")
     ap.add_argument("--ballast-tokens", type=int, default=1500, help="overlap: context of each swapped request")

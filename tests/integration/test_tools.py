@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -178,3 +179,26 @@ def test_bench_engine_overhead_measures_this_tree_against_a_baseline(tmp_path, m
         plan = result[side]["plan"]
         assert plan["requests"] == 8 and plan["plan_kib"] > 0 and plan["median_ms"] > 0
     assert "speedup" in capsys.readouterr().out
+
+
+def test_gpu_checks_rehearse_every_step_on_cpu(tmp_path):
+    """``tools/gpu_checks.sh --dry-run``: every command of the one GPU run, at CPU size (the pytest steps
+    collect only), so the run that GPU time is spent on cannot die on a typo, a moved file or a renamed flag."""
+    import subprocess
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    env.pop("FS_TEST_ENGINE_ARGS", None)
+    proc = subprocess.run(["bash", "tools/gpu_checks.sh", "--dry-run"], cwd=TOOLS.parent, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    steps = {s["step"]: s["status"] for s in results["steps"]}
+    assert steps == dict.fromkeys(["kernels", "engine", "bandwidth", "swap-copy", "overlap", "decode", "compiled",
+                                   "calibrate"], "ok"), (out / "log.txt").read_text()[-3000:]
+    for figures in ("bandwidth", "swap_copy", "swap_copy_scattered", "overlap", "decode", "decode_compiled",
+                    "calibration", "profile"):
+        assert figures in results, figures
+    files = sorted(p.name for p in out.iterdir())
+    assert all(p.is_file() for p in out.iterdir()) and len(files) <= 8, files  # what the device tool brings back
+    assert "| calibrate | ok |" in proc.stdout  # the summary table prints last
