@@ -11,7 +11,8 @@
 #
 # Steps, in order of value; each runs under its own `timeout` and the whole run under --budget (default 450 s):
 # a step that fails or times out is reported and the next one runs; one with no time left is reported skipped.
-#   kernels      Triton/torch attention kernel tests and every tests/gpu test, on CUDA
+#   kernels      the Triton and torch attention kernel tests, on CUDA
+#   gpu-tests    every tests/gpu test: the engine on CUDA, CUDA graphs, compiled, flash-attn, tensor parallel
 #   engine       token parity, swap/reuse, copy ordering, preemption and multi-process tests on CUDA (float32,
 #                eager forward: CUDA IPC, pinned memory and copy streams meet here)
 #   bandwidth    pinned host<->device copy bandwidth against copy size (the ceiling)
@@ -109,7 +110,7 @@ collect() {
 
 l8b="$work/llama3-8b"
 "$PY" tools/make_shapes_config.py --shape llama3-8b --out "$l8b" >>"$log" 2>&1
-kernels=(tests/unit/test_triton_attention.py tests/unit/test_torch_attention.py tests/gpu)
+kernels=(tests/unit/test_triton_attention.py tests/unit/test_torch_attention.py)
 engine=(tests/integration/test_hf_parity.py tests/integration/test_swap_reuse.py tests/integration/test_copy_ordering.py
         tests/integration/test_preemption.py tests/integration/test_multiprocess.py)
 
@@ -136,11 +137,21 @@ else
   calibrate=(--dtype bfloat16 --device cuda --compile off)
 fi
 
-step kernels 110 "$PY" -m pytest -q -rfEs "${collect_only[@]}" -p no:cacheprovider --junitxml="$work/kernels.xml" \
-  "${kernels[@]}"
-export FS_TEST_ENGINE_ARGS="device=$([ "$DRY" = 1 ] && echo cpu || echo cuda),dtype=float32,compile=off"
-step engine 100 "$PY" -m pytest -q -rfEs "${collect_only[@]}" -p no:cacheprovider --junitxml="$work/engine.xml" \
-  "${engine[@]}"
+# pytest-xdist (in the GPU image): the kernel tests compile a Triton kernel per shape and dtype, on 8 processes at
+# once; the engine tests share the GPU 4 ways, each engine's KV arena a fixed 2 GiB instead of a share of what is
+# free (which a neighbour's arena would change). tests/gpu run alone: one of them sizes KV from free memory.
+if "$PY" -c "import xdist" 2>/dev/null; then
+  kernel_workers=(-n 8)
+  engine_workers=(-n 4)
+else
+  kernel_workers=()
+  engine_workers=()
+fi
+pytest=("$PY" -m pytest -q -rfEs -p no:cacheprovider "${collect_only[@]}")
+step kernels 90 "${pytest[@]}" "${kernel_workers[@]}" --junitxml="$work/kernels.xml" "${kernels[@]}"
+step gpu-tests 120 "${pytest[@]}" --junitxml="$work/gpu-tests.xml" tests/gpu
+export FS_TEST_ENGINE_ARGS="device=$([ "$DRY" = 1 ] && echo cpu || echo cuda),dtype=float32,compile=off,kv_cache_memory_gb=2"
+OMP_NUM_THREADS=4 step engine 100 "${pytest[@]}" "${engine_workers[@]}" --junitxml="$work/engine.xml" "${engine[@]}"
 unset FS_TEST_ENGINE_ARGS
 step bandwidth 25 "$PY" tools/bench_swap.py --scenario bandwidth "${bandwidth[@]}" --json "$work/bandwidth.json"
 step swap-copy 40 bash -c '"$0" tools/bench_swap.py "${@:2}" --json "$1/swap_copy.json" &&

@@ -18,6 +18,7 @@ import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+TEST_STEPS = ("kernels", "gpu-tests", "engine")
 BENCH_FILES = ("bandwidth", "swap_copy", "swap_copy_scattered", "overlap", "decode", "decode_compiled")
 
 
@@ -62,7 +63,7 @@ def fmt(value, spec: str = ".2f") -> str:
 def headline(results: dict) -> list[str]:
     """The figures the README and docs/BENCHMARKS.md record, one line each."""
     lines = []
-    for name in ("kernels", "engine"):
+    for name in TEST_STEPS:
         t = results.get(f"{name}_tests")
         if t and not t["tests"]:
             lines.append(f"- {name} tests: none ran (collected only)")
@@ -154,7 +155,7 @@ def main() -> int:
     steps = read_steps(work)
     results: dict = {"device": (work / "device.txt").read_text().strip() if (work / "device.txt").exists() else "",
                      "steps": steps}
-    for name in ("kernels", "engine"):
+    for name in TEST_STEPS:
         if (t := junit(work / f"{name}.xml")) is not None:
             results[f"{name}_tests"] = t
     for name in BENCH_FILES:
