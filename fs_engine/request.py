@@ -83,6 +83,8 @@ class Request:
         self.arrival_seq = arrival_seq
         self.arrival_time = time.monotonic()
         self.token_ids: list[int] = list(prompt_token_ids)
+        # with params.logprobs: per output token, {token id: log-probability} of the sampled and the top tokens
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.num_computed_tokens = 0
         # async scheduling: tokens that planned steps compute, and tokens they sample, whose results are not
         # applied yet (always 0 when plans are only made after the previous result)
@@ -167,3 +169,6 @@ class RequestOutput:
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the CPU store (an earlier turn) instead of prefill
     error: str | None = None  # finish_reason "error": what failed, with an id to find it in the server's log
+    # with SamplingParams.logprobs: per output token, {token id: log-probability} of the sampled token and the
+    # top ones (the sampled token's entry is there even when it is not among them)
+    logprobs: list[dict[int, float]] | None = None

@@ -21,6 +21,7 @@ MAX_TEMPERATURE = 1e4
 MAX_STOP_STRINGS = 64  # a server may allow fewer (fs-engine launch --max-stop-strings)
 MAX_STOP_LENGTH = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGPROBS = 20  # most alternatives a token's logprobs list (as OpenAI's top_logprobs)
 
 
 def _integer(value: Any) -> Any:
@@ -50,7 +51,9 @@ class SamplingParams(pydantic.BaseModel):
     ``temperature=0`` is greedy decoding. ``top_k=0`` and ``top_p=1`` disable those filters. ``seed`` makes
     a sampled request reproducible whatever else is batched with it. Generation stops at the model's eos
     (unless ``ignore_eos``), at any of ``stop_token_ids``, when the text contains one of ``stop`` (the text
-    is cut before it), after ``max_tokens`` tokens, or at the engine's context limit.
+    is cut before it), after ``max_tokens`` tokens, or at the engine's context limit. ``logprobs=k`` returns,
+for every output token, its log-probability and those of the ``k`` most likely tokens at that step (``0``:
+the sampled token's alone), from the model's distribution before temperature, top-k and top-p.
 
     Invalid values raise ``ValueError`` naming the field, in one line.
     """
@@ -67,6 +70,7 @@ class SamplingParams(pydantic.BaseModel):
                               Field(max_length=MAX_STOP_TOKEN_IDS)] = ()
     ignore_eos: Annotated[bool, pydantic.Strict()] = False
     skip_special_tokens: Annotated[bool, pydantic.Strict()] = True
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -76,7 +80,8 @@ class SamplingParams(pydantic.BaseModel):
 
     def to_spec(self) -> SamplingSpec:
         return SamplingSpec(
-            temperature=float(self.temperature), top_p=float(self.top_p), top_k=self.top_k, seed=self.seed
+            temperature=float(self.temperature), top_p=float(self.top_p), top_k=self.top_k, seed=self.seed,
+            logprobs=-1 if self.logprobs is None else self.logprobs,
         )
 
     def wire_fields(self) -> dict[str, Any]:

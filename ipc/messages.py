@@ -29,6 +29,7 @@ class SamplingSpec:
     top_p: float = 1.0
     top_k: int = 0  # 0 = disabled
     seed: int | None = None
+    logprobs: int = -1  # return the sampled token's log-probability and this many top ones (-1: none)
 
     @property
     def greedy(self) -> bool:
@@ -208,6 +209,10 @@ class StepResult:
     swap_wait_s: float = 0.0  # time this step waited on swaps before its forward pass
     idle_s: float = 0.0  # how long the worker waited for this plan since it returned the previous result
     num_compilations: int = 0  # times the worker's forward has been compiled so far (0: it runs eagerly)
+    # per sampled token, when any request of the step asked for logprobs (else both empty): the sampled token
+    # and then its request's top-k, ids and log-probabilities (an empty pair for a request that did not ask)
+    logprob_ids: list[list[int]] = field(default_factory=list)
+    logprob_values: list[list[float]] = field(default_factory=list)
 
 
 # ---- client <-> frontend ---------------------------------------------------------------------------------

@@ -196,8 +196,9 @@ class ModelRunner:
             if sampled:
                 logits = self.model.compute_logits(hidden[inputs.sample_rows])
                 result.request_ids = [r for r, _ in sampled]
-                result.token_ids = self.sampler(logits, [self._specs[r] for r in result.request_ids],
-                                                [i for _, i in sampled])
+                specs = [self._specs[r] for r in result.request_ids]
+                result.token_ids = self.sampler(logits, specs, [i for _, i in sampled])
+                result.logprob_ids, result.logprob_values = self.sampler.logprobs(logits, specs, result.token_ids)
                 self.batch.record_sampled(inputs.sampled_table_rows, result.token_ids)
             # a step that samples nothing (a long prompt's middle chunk) would return with its kernels still
             # queued; after sampling the stream is idle already and this costs nothing

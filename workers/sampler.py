@@ -38,6 +38,29 @@ class Sampler:
         is_greedy = torch.tensor([spec.greedy for spec in specs], device=logits.device)
         return torch.where(is_greedy, greedy_tokens, sampled).tolist()
 
+    @staticmethod
+    def logprobs(logits: torch.Tensor, specs: list[SamplingSpec],
+                 tokens: list[int]) -> tuple[list[list[int]], list[list[float]]]:
+        """Per row: the sampled token and the row's ``spec.logprobs`` most likely tokens, ids and
+        log-probabilities under the model's own distribution (before temperature and filters); an empty pair
+        for a row that did not ask. Both empty when no row asked (nothing is computed)."""
+        wanted = [row for row, spec in enumerate(specs) if spec.logprobs >= 0]
+        if not wanted:
+            return [], []
+        rows = torch.tensor(wanted, device=logits.device)
+        logp = logits.index_select(0, rows).float().log_softmax(dim=-1)
+        sampled = logp.gather(1, torch.tensor([tokens[r] for r in wanted], device=logits.device)[:, None])
+        k = max(specs[r].logprobs for r in wanted)
+        top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+        sampled, top_values, top_ids = sampled.tolist(), top_values.tolist(), top_ids.tolist()  # one sync each
+        ids: list[list[int]] = [[] for _ in specs]
+        values: list[list[float]] = [[] for _ in specs]
+        for i, row in enumerate(wanted):
+            n = specs[row].logprobs
+            ids[row] = [tokens[row], *top_ids[i][:n]]
+            values[row] = [*sampled[i], *top_values[i][:n]]
+        return ids, values
+
     def _probabilities(self, logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
         temps = torch.tensor([spec.temperature or 1.0 for spec in specs], device=logits.device)
         logits = logits / temps[:, None]

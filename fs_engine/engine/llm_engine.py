@@ -403,6 +403,7 @@ class LLMEngine:
             finished=finished,
             finish_reason=request.status.finish_reason,
             num_cached_tokens=request.num_cached_tokens,
+            logprobs=list(request.logprobs) if request.logprobs is not None else None,
         )
 
     # ---- introspection -----------------------------------------------------------------------------------

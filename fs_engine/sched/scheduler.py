@@ -580,11 +580,13 @@ class Scheduler:
         for done in result.swaps_done:
             self._complete(done)
         accounts = self._accounts_service
+        logprob_ids, logprob_values = result.logprob_ids, result.logprob_values
         k = 0
         progressed = []
         for request, start, n, sample in zip(batch, plan.start_pos, plan.num_scheduled, plan.sample_index):
             if sample >= 0:
                 token = tokens[k]
+                logprobs = dict(zip(logprob_ids[k], logprob_values[k])) if logprob_ids else None
                 k += 1
                 request.num_pending_tokens -= 1
             if request._status in FINISHED:  # aborted or stopped while its step ran: the token is dropped
@@ -601,6 +603,8 @@ class Scheduler:
                         self.policy.on_served(request, new_prompt, 0)
                 if sample >= 0:
                     request.token_ids.append(token)
+                    if request.logprobs is not None:
+                        request.logprobs.append(logprobs)
                     if accounts:
                         self.policy.on_served(request, 0, 1)
                     progressed.append(request)

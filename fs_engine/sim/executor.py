@@ -116,6 +116,7 @@ class SimExecutor:
         self._in_flight: dict[int, tuple[float, SwapDone]] = {}  # swap id -> (completion time, its report)
         self.vocab_size = arch.vocab_size
         self.avoid_ids = frozenset(arch.eos_token_ids)
+        self._logprob_requests: set[str] = set()  # requests that asked for logprobs (their fake tokens are certain)
         self.model_worker = None
         if config.device.sim_execute == "model":
             self.model_worker = self._start_model_worker(config, arch, max_model_len)
@@ -154,9 +155,13 @@ class SimExecutor:
             self._stats["wall_frontend_s"] += entered - self._left_at
         t = start = self.clock.now()
         result = StepResult(step_id=plan.step_id)
+        self._logprob_requests.difference_update(plan.finished_ids)  # (a finished id may be reused below)
+        for new in plan.new_requests:
+            (self._logprob_requests.add if new.sampling.logprobs >= 0 else self._logprob_requests.discard)(new.request_id)
         if self.model_worker is not None:
             executed = self.model_worker.execute(plan.with_swaps([dataclasses.replace(c, wait=True) for c in plan.swaps]))
             result.request_ids, result.token_ids = executed.request_ids, executed.token_ids
+            result.logprob_ids, result.logprob_values = executed.logprob_ids, executed.logprob_values
         for kind in ("out", "in"):  # waited swap-outs land before swap-ins may reuse their device blocks
             ends = [(self._submit(c, t), c.wait) for c in plan.swaps if c.kind == kind]
             t = max([t, *(end for end, wait in ends if wait)])
@@ -211,6 +216,11 @@ class SimExecutor:
             if sample_index >= 0:
                 result.request_ids.append(request_id)
                 result.token_ids.append(self.fake_token(plan.token_ids[end - 1], start + n))
+        if self._logprob_requests.intersection(result.request_ids):
+            # the fake model's next token is certain: log-probability 0, and no alternatives to rank
+            asked = [r in self._logprob_requests for r in result.request_ids]
+            result.logprob_ids = [[t] if a else [] for t, a in zip(result.token_ids, asked)]
+            result.logprob_values = [[0.0] if a else [] for a in asked]
 
     def fake_token(self, last_token: int, position: int) -> int:
         """A deterministic 'greedy' token: a hash of the last token and its position, never an eos id."""
