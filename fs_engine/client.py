@@ -60,6 +60,8 @@ class StreamEvent:
     finish_reason: str | None  # "stop" | "length" | "abort" on the last event
     num_cached_tokens: int
     prompt_token_ids: list[int] | None  # on the first event only
+    # with logprobs=k: per new token, {token id: log-probability} of the sampled token and the k most likely
+    logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,18 @@ class CompletionResult:
     text: str
     finish_reason: str | None
     num_cached_tokens: int
+    logprobs: list[dict[int, float]] | None = None  # with logprobs=k, per generated token (see StreamEvent)
+
+
+def _logprobs(ev: TokenEvent) -> list[dict[int, float]] | None:
+    if ev.logprob_ids is None or ev.logprob_values is None:
+        return None
+    return [dict(zip(ids, values)) for ids, values in zip(ev.logprob_ids, ev.logprob_values)]
 
 
 def _event(ev: TokenEvent) -> StreamEvent:
     return StreamEvent(ev.request_id, list(ev.token_ids), ev.text, ev.finished, ev.finish_reason,
-                       ev.num_cached_tokens, ev.prompt_token_ids)
+                       ev.num_cached_tokens, ev.prompt_token_ids, _logprobs(ev))
 
 
 class _Completion:
@@ -87,27 +96,31 @@ class _Completion:
         self.token_ids: list[int] = []
         self.text: list[str] = []
         self.num_cached_tokens = 0
+        self.logprobs: list[dict[int, float]] | None = None
 
     def add(self, ev: TokenEvent) -> CompletionResult | None:
         if ev.prompt_token_ids is not None and self.prompt_token_ids is None:
             self.prompt_token_ids = list(ev.prompt_token_ids)
         self.token_ids.extend(ev.token_ids)
+        if (logprobs := _logprobs(ev)) is not None:
+            self.logprobs = (self.logprobs or []) + logprobs
         self.text.append(ev.text)
         self.num_cached_tokens = max(self.num_cached_tokens, ev.num_cached_tokens)
         if not ev.finished:
             return None
         return CompletionResult(self.request_id, self.prompt_token_ids, self.token_ids, "".join(self.text),
-                                ev.finish_reason, self.num_cached_tokens)
+                                ev.finish_reason, self.num_cached_tokens, self.logprobs)
 
 
 def _build_request(prompt: str | list[int], *, max_tokens: int, temperature: float, top_p: float, top_k: int,
                    seed: int | None, stop: str | list[str] | None, stop_token_ids: list[int] | None,
                    ignore_eos: bool, skip_special_tokens: bool, priority: int, tenant: str,
-                   session_id: str | None, stream: bool, request_id: str | None) -> GenerateRequest:
+                   session_id: str | None, stream: bool, request_id: str | None,
+                   logprobs: int | None = None) -> GenerateRequest:
     """Validate everything the user passed (ValueError naming the argument) and build the wire request."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=stop or (), stop_token_ids=stop_token_ids or (), ignore_eos=ignore_eos,
-                            skip_special_tokens=skip_special_tokens)
+                            skip_special_tokens=skip_special_tokens, logprobs=logprobs)
     wire_params = params.wire_fields()
     if isinstance(prompt, str):
         text, token_ids = prompt, None
@@ -340,14 +353,15 @@ class Client(_Demux):
                  stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
                  ignore_eos: bool = False, skip_special_tokens: bool = True, priority: int = 0,
                  tenant: str = "default", session_id: str | None = None, stream: bool = True,
-                 request_id: str | None = None) -> TokenStream | CompletionResult:
+                 request_id: str | None = None, logprobs: int | None = None) -> TokenStream | CompletionResult:
         """Send one request. ``prompt`` is text or token ids. stream=True: a ``TokenStream`` (the request is
-        already sent); stream=False: waits and returns a ``CompletionResult``. Raises ValueError for bad
+        already sent); stream=False: waits and returns a ``CompletionResult``. ``logprobs=k`` (0-20): each event
+        and result carries every new token's log-probability and the k most likely ones. Raises ValueError for bad
         settings (nothing is sent) and RemoteError when the frontend rejects the request."""
         req = _build_request(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                              seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                              skip_special_tokens=skip_special_tokens, priority=priority, tenant=tenant,
-                             session_id=session_id, stream=stream, request_id=request_id)
+                             session_id=session_id, stream=stream, request_id=request_id, logprobs=logprobs)
         self._check_usable()
         inbox = self._register_call(req.request_id)
         try:
@@ -548,13 +562,13 @@ class AsyncClient(_Demux):
                  stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
                  ignore_eos: bool = False, skip_special_tokens: bool = True, priority: int = 0,
                  tenant: str = "default", session_id: str | None = None, stream: bool = True,
-                 request_id: str | None = None) -> Any:
+                 request_id: str | None = None, logprobs: int | None = None) -> Any:
         """stream=True: an ``AsyncTokenStream`` (``async for ev in client.generate(...)``); stream=False: an
         awaitable of the ``CompletionResult``. Settings are validated here, before anything is awaited."""
         req = _build_request(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                              seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                              skip_special_tokens=skip_special_tokens, priority=priority, tenant=tenant,
-                             session_id=session_id, stream=stream, request_id=request_id)
+                             session_id=session_id, stream=stream, request_id=request_id, logprobs=logprobs)
         return AsyncTokenStream(self, req) if stream else self._complete(req)
 
     async def complete(self, prompt: str | list[int], **kwargs: Any) -> CompletionResult:

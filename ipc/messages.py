@@ -246,6 +246,9 @@ class TokenEvent:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     prompt_token_ids: list[int] | None = field(default=None, metadata=INT32)  # on the first event only
+    # with the logprobs parameter: per new token, the ids and log-probabilities of the sampled and top tokens
+    logprob_ids: list[list[int]] | None = None
+    logprob_values: list[list[float]] | None = None
 
 
 @dataclass

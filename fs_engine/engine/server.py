@@ -373,6 +373,10 @@ class FrontendServer:
             num_cached_tokens=out.num_cached_tokens,
             prompt_token_ids=out.prompt_token_ids if pending.first else None,
         )
+        if out.logprobs is not None:
+            new = out.logprobs[pending.tokens_sent :]
+            event.logprob_ids = [list(entry) for entry in new]
+            event.logprob_values = [list(entry.values()) for entry in new]
         if not self._try_send(pending.identity, event):
             pending.unsent = out
             self._unsent.setdefault(pending.identity, {})[out.request_id] = pending

@@ -84,6 +84,25 @@ def test_text_stream_and_completion_agree(server):
     assert "".join(e.text for e in streamed) == done.text
 
 
+def test_logprobs_stream_through_the_sdk_as_the_offline_api_gives_them(server, model):
+    prompt = random_prompts(1000, [21], seed=4)[0]
+    offline = LLM(model, **ENGINE_FLAGS).generate([prompt], SamplingParams(max_tokens=10, temperature=0,
+                                                                            logprobs=2))[0]
+    with Client(server.address) as client:
+        events = list(client.generate(prompt, max_tokens=10, temperature=0, logprobs=2))
+        done = client.complete(prompt, max_tokens=10, temperature=0, logprobs=2)
+        plain = client.complete(prompt, max_tokens=3, temperature=0)
+        with pytest.raises(ValueError, match="logprobs"):
+            client.complete(prompt, logprobs=99)  # refused before anything is sent
+    streamed = [entry for e in events for entry in e.logprobs]
+    assert [t for e in events for t in e.token_ids] == done.token_ids == offline.token_ids
+    for got in (streamed, done.logprobs):
+        assert [list(entry) for entry in got] == [list(entry) for entry in offline.logprobs]
+        for entry, expected in zip(got, offline.logprobs):
+            assert list(entry.values()) == pytest.approx(list(expected.values()), abs=1e-5)
+    assert plain.logprobs is None
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 def raw_request(address: str, payload: bytes, timeout_s: float = 10) -> object:
     ctx = zmq.Context.instance()
