@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,7 @@ class OpenAIServer:
         self.metrics = Metrics()
         self.client: AsyncClient | None = None
         self._poller: asyncio.Task | None = None
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(self._decode_one)  # logprobs' token texts
         self.app = self._build()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -173,6 +175,10 @@ class OpenAIServer:
             raise APIError(404, f"model {name!r} is not served here; this server serves {self.model.name!r}",
                            "not_found_error", "model")
 
+    def _decode_one(self, token_id: int) -> str:
+        """One token's text, as the logprobs show it."""
+        return self.model.tokenizer.decode([token_id])
+
     async def _tokenize(self, text: str) -> list[int]:
         return await asyncio.to_thread(lambda: list(self.model.tokenizer(text).input_ids))
 
@@ -208,8 +214,9 @@ class OpenAIServer:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         stream = self.client.generate(prompt_ids, **params.model_dump(), priority=body.priority, tenant=tenant,
                                       session_id=body.session_id, request_id=request_id)
+        logprobs = None if params.logprobs is None else _Logprobs(self._token_text, chat, params.logprobs)
         response = _Response(request_id, self.model.name, chat, prompt_ids, time.monotonic(), tenant,
-                             self.metrics, body.return_token_ids)
+                             self.metrics, body.return_token_ids, logprobs)
         endpoint = request.url.path
         if body.stream:
             first = await self._first_event(stream)  # errors before the first token are HTTP errors
@@ -278,11 +285,55 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+class _Logprobs:
+    """Tokens' logprobs in OpenAI's two shapes: the chat API's ``content`` list (a token's text, logprob, UTF-8
+    bytes and its ``top_logprobs``), and the legacy completions' parallel lists (``tokens``, ``token_logprobs``,
+    ``top_logprobs`` as {text: logprob}, ``text_offset`` into the whole text)."""
+
+    def __init__(self, text_of: Callable[[int], str], chat: bool, top: int) -> None:
+        self.text_of, self.chat, self.top = text_of, chat, top
+        self.offset = 0  # characters of the text before the next token (completions' text_offset)
+        self.content: list[dict] = []  # chat
+        self.legacy: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def _top(self, entry: dict[int, float]) -> list[tuple[int, float]]:
+        # the entry holds the sampled token and the top ones: when the sampled one is not among them, it is the
+        # least likely, so the most likely `top` are the top ones
+        return sorted(entry.items(), key=lambda item: -item[1])[: self.top]
+
+    def add(self, token_ids: list[int], entries: list[dict[int, float]]) -> dict:
+        """The logprobs of these new tokens (what a stream chunk carries); they are kept for the whole answer."""
+        if self.chat:
+            new = [{**self._chat_item(token, entry[token]),
+                    "top_logprobs": [self._chat_item(t, lp) for t, lp in self._top(entry)]}
+                   for token, entry in zip(token_ids, entries)]
+            self.content += new
+            return {"content": new, "refusal": None}
+        new = {key: [] for key in self.legacy}
+        for token, entry in zip(token_ids, entries):
+            text = self.text_of(token)
+            new["tokens"].append(text)
+            new["token_logprobs"].append(entry[token])
+            new["top_logprobs"].append({self.text_of(t): lp for t, lp in self._top(entry)})
+            new["text_offset"].append(self.offset)
+            self.offset += len(text)
+        for key, values in new.items():
+            self.legacy[key] += values
+        return new
+
+    def _chat_item(self, token: int, logprob: float) -> dict:
+        text = self.text_of(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def whole(self) -> dict:
+        return {"content": self.content, "refusal": None} if self.chat else self.legacy
+
+
 class _Response:
     """One request's answer as it grows: whole, or chunk by chunk; its latencies go to the metrics."""
 
     def __init__(self, request_id: str, model: str, chat: bool, prompt_ids: list[int], start: float,
-                 tenant: str, metrics: Metrics, token_ids: bool) -> None:
+                 tenant: str, metrics: Metrics, token_ids: bool, logprobs: _Logprobs | None = None) -> None:
         self.request_id, self.model, self.chat = request_id, model, chat
         self.created = int(time.time())
         self.prompt_ids, self.num_prompt_tokens = prompt_ids, len(prompt_ids)
@@ -294,6 +345,8 @@ class _Response:
         self.start = self.last = start
         self.tenant, self.metrics = tenant, metrics
         self.role_sent = False
+        self.logprobs = logprobs
+        self.chunk_logprobs: dict | None = None  # the last event's, for its stream chunk
 
     def add(self, event: Any) -> None:
         now = time.monotonic()
@@ -305,6 +358,8 @@ class _Response:
             self.last = now
         self.num_tokens += len(event.token_ids)
         self.token_ids += event.token_ids
+        if self.logprobs is not None:
+            self.chunk_logprobs = self.logprobs.add(event.token_ids, event.logprobs or [])
         self.text.append(event.text)
         if event.finished:
             self.finish_reason = event.finish_reason
@@ -329,10 +384,10 @@ class _Response:
         text = "".join(self.text)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": self.finish_reason}
+                      "logprobs": self._whole_logprobs(), "finish_reason": self.finish_reason}
             return {**self._head("chat.completion"), "choices": [self._ids(choice, self.token_ids)],
                     "usage": self._usage()}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": self._whole_logprobs(), "finish_reason": self.finish_reason}
         return {**self._head("text_completion"), "choices": [self._ids(choice, self.token_ids)],
                 "usage": self._usage()}
 
@@ -344,10 +399,13 @@ class _Response:
             delta: dict[str, str] = {"content": event.text}
             if first:
                 delta = {"role": "assistant", **delta}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": self.chunk_logprobs, "finish_reason": finish}
             return {**self._head("chat.completion.chunk", first), "choices": [self._ids(choice, event.token_ids)]}
-        choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": event.text, "logprobs": self.chunk_logprobs, "finish_reason": finish}
         return {**self._head("text_completion", first), "choices": [self._ids(choice, event.token_ids)]}
+
+    def _whole_logprobs(self) -> dict | None:
+        return self.logprobs.whole() if self.logprobs is not None else None
 
     def usage_chunk(self) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"

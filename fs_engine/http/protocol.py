@@ -16,7 +16,9 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field
 
-from fs_engine.sampling_params import SamplingParams
+from fs_engine.sampling_params import MAX_LOGPROBS, SamplingParams
+
+NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
 _FORBID = pydantic.ConfigDict(extra="forbid")
 
@@ -48,7 +50,6 @@ class _Common(pydantic.BaseModel):
     presence_penalty: Literal[0] = 0
     frequency_penalty: Literal[0] = 0
     logit_bias: None = None
-    logprobs: None | Literal[False] = None
     # extensions
     ignore_eos: bool = False
     priority: int = 0
@@ -58,7 +59,13 @@ class _Common(pydantic.BaseModel):
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos)
+                              top_k=self.top_k, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
+                              logprobs=self.num_logprobs)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many top alternatives each token's logprobs list (None: no logprobs)."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -67,6 +74,11 @@ class _Common(pydantic.BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    logprobs: NumLogprobs | None = None  # the legacy API's: this many top alternatives per token (0: none)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
     echo: Literal[False] = False
     best_of: Literal[1] | None = None
     suffix: None = None
@@ -84,12 +96,20 @@ class ChatCompletionRequest(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True  # (vLLM's extension: continue the last assistant message when False)
+    logprobs: bool = False
+    top_logprobs: NumLogprobs | None = None
 
     @pydantic.model_validator(mode="after")
     def _one_max(self) -> ChatCompletionRequest:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -119,6 +119,50 @@ def test_streaming_completions_and_chat_match_and_end_with_usage(served, offline
     assert chunks[0].choices[0].delta.role == "assistant"
 
 
+def test_logprobs_in_both_openai_shapes_match_the_offline_engine(served, model):
+    """Completions' legacy lists and chat's content list, whole and streamed, carry the offline engine's
+    logprobs, token texts and top alternatives."""
+    llm = LLM(model, **FLAGS)
+    tokenizer = llm.tokenizer
+    prompt_ids = list(tokenizer(PROMPTS[2]).input_ids)
+    offline = llm.generate([prompt_ids], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                        logprobs=3))[0]
+    texts = [tokenizer.decode([t]) for t in offline.token_ids]
+    client = _client(served)
+
+    out = client.completions.create(model=served.model, prompt=PROMPTS[2], logprobs=3, **GREEDY).choices[0]
+    lp = out.logprobs
+    assert lp.tokens == texts and "".join(lp.tokens) == out.text
+    assert lp.token_logprobs == pytest.approx([e[t] for t, e in zip(offline.token_ids, offline.logprobs)], abs=1e-5)
+    assert lp.text_offset == [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    for top, entry in zip(lp.top_logprobs, offline.logprobs):
+        best = sorted(entry.items(), key=lambda item: -item[1])[:3]
+        assert top == pytest.approx({tokenizer.decode([t]): v for t, v in best}, abs=1e-5)
+    chunks = list(client.completions.create(model=served.model, prompt=PROMPTS[2], logprobs=3, stream=True, **GREEDY))
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == texts
+
+    chat_ids = tokenizer.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True)
+    chat_ids = list(chat_ids["input_ids"] if hasattr(chat_ids, "keys") else chat_ids)
+    chat_offline = llm.generate([chat_ids], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                           logprobs=2))[0]
+    reply = client.chat.completions.create(model=served.model, messages=MESSAGES, logprobs=True, top_logprobs=2,
+                                           **GREEDY).choices[0]
+    content = reply.logprobs.content
+    assert [c.token for c in content] == [tokenizer.decode([t]) for t in chat_offline.token_ids]
+    for item, token, entry in zip(content, chat_offline.token_ids, chat_offline.logprobs):
+        assert item.logprob == pytest.approx(entry[token], abs=1e-5)
+        assert bytes(item.bytes).decode("utf-8") == item.token and len(item.top_logprobs) == 2
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+    streamed = [c for chunk in client.chat.completions.create(model=served.model, messages=MESSAGES, logprobs=True,
+                                                              stream=True, **GREEDY)
+                for c in (chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else [])]
+    assert [c.token for c in streamed] == [c.token for c in content] and all(not c.top_logprobs for c in streamed)
+    plain = client.chat.completions.create(model=served.model, messages=MESSAGES, **GREEDY).choices[0]
+    assert plain.logprobs is None
+    bad = httpx.post(f"{served.url}/v1/chat/completions", json={"messages": MESSAGES, "top_logprobs": 2})
+    assert bad.status_code == 400 and "top_logprobs needs logprobs" in bad.json()["error"]["message"]
+
+
 def test_64_concurrent_streams_of_four_tenants_all_match(served, offline):
     texts, _ = offline
 
@@ -144,7 +188,7 @@ def test_64_concurrent_streams_of_four_tenants_all_match(served, offline):
     ({"prompt": "x", "frobnicate": True}, 400, "frobnicate"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "x", "max_tokens": 100_000}, 400, None),  # over max_model_len: the engine's reason
