@@ -116,11 +116,14 @@ def _build_request(prompt: str | list[int], *, max_tokens: int, temperature: flo
                    seed: int | None, stop: str | list[str] | None, stop_token_ids: list[int] | None,
                    ignore_eos: bool, skip_special_tokens: bool, priority: int, tenant: str,
                    session_id: str | None, stream: bool, request_id: str | None,
-                   logprobs: int | None = None) -> GenerateRequest:
+                   logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                   repetition_penalty: float = 1.0) -> GenerateRequest:
     """Validate everything the user passed (ValueError naming the argument) and build the wire request."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=stop or (), stop_token_ids=stop_token_ids or (), ignore_eos=ignore_eos,
-                            skip_special_tokens=skip_special_tokens, logprobs=logprobs)
+                            skip_special_tokens=skip_special_tokens, logprobs=logprobs,
+                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                            repetition_penalty=repetition_penalty)
     wire_params = params.wire_fields()
     if isinstance(prompt, str):
         text, token_ids = prompt, None
@@ -353,15 +356,19 @@ class Client(_Demux):
                  stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
                  ignore_eos: bool = False, skip_special_tokens: bool = True, priority: int = 0,
                  tenant: str = "default", session_id: str | None = None, stream: bool = True,
-                 request_id: str | None = None, logprobs: int | None = None) -> TokenStream | CompletionResult:
+                 request_id: str | None = None, logprobs: int | None = None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, repetition_penalty: float = 1.0) -> TokenStream | CompletionResult:
         """Send one request. ``prompt`` is text or token ids. stream=True: a ``TokenStream`` (the request is
         already sent); stream=False: waits and returns a ``CompletionResult``. ``logprobs=k`` (0-20): each event
-        and result carries every new token's log-probability and the k most likely ones. Raises ValueError for bad
+        and result carries every new token's log-probability and the k most likely ones; the penalties are
+        ``SamplingParams``'. Raises ValueError for bad
         settings (nothing is sent) and RemoteError when the frontend rejects the request."""
         req = _build_request(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                              seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                              skip_special_tokens=skip_special_tokens, priority=priority, tenant=tenant,
-                             session_id=session_id, stream=stream, request_id=request_id, logprobs=logprobs)
+                             session_id=session_id, stream=stream, request_id=request_id, logprobs=logprobs,
+                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                             repetition_penalty=repetition_penalty)
         self._check_usable()
         inbox = self._register_call(req.request_id)
         try:
@@ -562,13 +569,16 @@ class AsyncClient(_Demux):
                  stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
                  ignore_eos: bool = False, skip_special_tokens: bool = True, priority: int = 0,
                  tenant: str = "default", session_id: str | None = None, stream: bool = True,
-                 request_id: str | None = None, logprobs: int | None = None) -> Any:
+                 request_id: str | None = None, logprobs: int | None = None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, repetition_penalty: float = 1.0) -> Any:
         """stream=True: an ``AsyncTokenStream`` (``async for ev in client.generate(...)``); stream=False: an
         awaitable of the ``CompletionResult``. Settings are validated here, before anything is awaited."""
         req = _build_request(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                              seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                              skip_special_tokens=skip_special_tokens, priority=priority, tenant=tenant,
-                             session_id=session_id, stream=stream, request_id=request_id, logprobs=logprobs)
+                             session_id=session_id, stream=stream, request_id=request_id, logprobs=logprobs,
+                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                             repetition_penalty=repetition_penalty)
         return AsyncTokenStream(self, req) if stream else self._complete(req)
 
     async def complete(self, prompt: str | list[int], **kwargs: Any) -> CompletionResult:

@@ -22,6 +22,7 @@ MAX_STOP_STRINGS = 64  # a server may allow fewer (fs-engine launch --max-stop-s
 MAX_STOP_LENGTH = 1024
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGPROBS = 20  # most alternatives a token's logprobs list (as OpenAI's top_logprobs)
+MAX_REPETITION_PENALTY = 100.0
 
 
 def _integer(value: Any) -> Any:
@@ -53,7 +54,11 @@ class SamplingParams(pydantic.BaseModel):
     (unless ``ignore_eos``), at any of ``stop_token_ids``, when the text contains one of ``stop`` (the text
     is cut before it), after ``max_tokens`` tokens, or at the engine's context limit. ``logprobs=k`` returns,
 for every output token, its log-probability and those of the ``k`` most likely tokens at that step (``0``:
-the sampled token's alone), from the model's distribution before temperature, top-k and top-p.
+the sampled token's alone), from the model's distribution before penalties, temperature, top-k and top-p.
+``presence_penalty`` and ``frequency_penalty`` (OpenAI's, -2 to 2) lower the logits of tokens the request has
+generated, once and per occurrence; ``repetition_penalty`` (transformers' and vLLM's, > 1 discourages) divides
+the positive and multiplies the negative logits of every token of the prompt and the output. They apply to
+greedy decoding too.
 
     Invalid values raise ``ValueError`` naming the field, in one line.
     """
@@ -71,6 +76,9 @@ the sampled token's alone), from the model's distribution before temperature, to
     ignore_eos: Annotated[bool, pydantic.Strict()] = False
     skip_special_tokens: Annotated[bool, pydantic.Strict()] = True
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
+    repetition_penalty: Annotated[Number, Field(gt=0, le=MAX_REPETITION_PENALTY)] = 1.0
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -82,6 +90,8 @@ the sampled token's alone), from the model's distribution before temperature, to
         return SamplingSpec(
             temperature=float(self.temperature), top_p=float(self.top_p), top_k=self.top_k, seed=self.seed,
             logprobs=-1 if self.logprobs is None else self.logprobs,
+            presence_penalty=float(self.presence_penalty), frequency_penalty=float(self.frequency_penalty),
+            repetition_penalty=float(self.repetition_penalty),
         )
 
     def wire_fields(self) -> dict[str, Any]:

@@ -30,6 +30,13 @@ class SamplingSpec:
     top_k: int = 0  # 0 = disabled
     seed: int | None = None
     logprobs: int = -1  # return the sampled token's log-probability and this many top ones (-1: none)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token the request has generated
+    frequency_penalty: float = 0.0  # ... times how often it has generated it
+    repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt and output tokens
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
     def greedy(self) -> bool:
@@ -41,6 +48,9 @@ class SamplingSpec:
 class NewRequest:
     request_id: str
     sampling: SamplingSpec
+    # with a repetition penalty: the prompt, whose tokens it applies to (the worker may never see them all:
+    # reused KV is not recomputed)
+    prompt_token_ids: list[int] = field(default_factory=list, metadata=INT32)
 
 
 @dataclass

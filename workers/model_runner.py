@@ -22,7 +22,7 @@ from workers.input_batch import InputBatch
 from workers.kv_arena import allocate_kv_arena
 from workers.loader import load_model
 from workers.parallel import SINGLE, TPContext
-from workers.sampler import Sampler
+from workers.sampler import Sampler, SeenTokens
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.graphs: DecodeGraphs | None = None
         self._specs: dict[str, SamplingSpec] = {}
+        self._seen: dict[str, SeenTokens] = {}  # requests with penalties: the tokens they apply to
         self.batch = InputBatch(block_size, self._max_blocks_per_seq(), device)
         self.stream = DeviceStream(device)
         self._returned_at: float | None = None  # when the last result was handed back
@@ -174,8 +175,11 @@ class ModelRunner:
         # forget finished requests first: a finished id may be reused by a new request in the same plan
         for request_id in plan.finished_ids:
             self._specs.pop(request_id, None)
+            self._seen.pop(request_id, None)
         for new in plan.new_requests:
             self._specs[new.request_id] = new.sampling
+            if new.sampling.penalized:
+                self._seen[new.request_id] = SeenTokens(new.prompt_token_ids)
         if plan.swaps:
             raise RuntimeError("workers do not copy KV: the engine's swap executor runs a plan's swaps")
         result = StepResult(step_id=plan.step_id)
@@ -197,7 +201,11 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[inputs.sample_rows])
                 result.request_ids = [r for r, _ in sampled]
                 specs = [self._specs[r] for r in result.request_ids]
-                result.token_ids = self.sampler(logits, specs, [i for _, i in sampled])
+                seen = [self._seen.get(r) for r in result.request_ids] if self._seen else None
+                result.token_ids = self.sampler(logits, specs, [i for _, i in sampled], seen)
+                for tokens, token in zip(seen or (), result.token_ids):
+                    if tokens is not None:
+                        tokens.add(token)
                 result.logprob_ids, result.logprob_values = self.sampler.logprobs(logits, specs, result.token_ids)
                 self.batch.record_sampled(inputs.sampled_table_rows, result.token_ids)
             # a step that samples nothing (a long prompt's middle chunk) would return with its kernels still

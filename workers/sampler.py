@@ -20,8 +20,12 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, specs: list[SamplingSpec], indices: list[int]) -> list[int]:
-        """logits: [num_rows, vocab] float32; specs/indices: per row. Returns one token id per row."""
+    def __call__(self, logits: torch.Tensor, specs: list[SamplingSpec], indices: list[int],
+                 seen: list[SeenTokens | None] | None = None) -> list[int]:
+        """logits: [num_rows, vocab] float32; specs/indices: per row; ``seen``: per row, what its penalties
+        apply to (None for a row without penalties). Returns one token id per row."""
+        if seen is not None:
+            logits = apply_penalties(logits, specs, seen)
         greedy_tokens = logits.argmax(dim=-1)
         if all(spec.greedy for spec in specs):
             return greedy_tokens.tolist()
@@ -42,7 +46,7 @@ class Sampler:
     def logprobs(logits: torch.Tensor, specs: list[SamplingSpec],
                  tokens: list[int]) -> tuple[list[list[int]], list[list[float]]]:
         """Per row: the sampled token and the row's ``spec.logprobs`` most likely tokens, ids and
-        log-probabilities under the model's own distribution (before temperature and filters); an empty pair
+        log-probabilities under the model's own distribution (before penalties, temperature and filters); an empty pair
         for a row that did not ask. Both empty when no row asked (nothing is computed)."""
         wanted = [row for row, spec in enumerate(specs) if spec.logprobs >= 0]
         if not wanted:
@@ -69,6 +73,49 @@ class Sampler:
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             logits = _apply_top_k_top_p(logits, top_k, top_p)
         return logits.softmax(dim=-1)
+
+
+class SeenTokens:
+    """What a penalized request's penalties apply to: its prompt's distinct tokens (repetition penalty) and how
+    often it has generated each token, kept by the worker as it samples."""
+
+    def __init__(self, prompt_token_ids: list[int]) -> None:
+        self.prompt = set(prompt_token_ids)
+        self.counts: dict[int, int] = {}
+
+    def add(self, token: int) -> None:
+        self.counts[token] = self.counts.get(token, 0) + 1
+
+
+def apply_penalties(logits: torch.Tensor, specs: list[SamplingSpec], seen: list[SeenTokens | None]) -> torch.Tensor:
+    """The rows' logits with their presence, frequency and repetition penalties applied (a copy; the input is
+    left as the model gave it, for logprobs). Every penalized row's tokens go in one indexed update per kind."""
+    rows = [r for r, spec in enumerate(specs) if spec.penalized and seen[r] is not None]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    device = logits.device
+    rep_rows, rep_ids, rep = [], [], []
+    out_rows, out_ids, out_sub = [], [], []
+    for r in rows:
+        spec, tokens = specs[r], seen[r]
+        if spec.repetition_penalty != 1:
+            ids = tokens.prompt | tokens.counts.keys()
+            rep_rows += [r] * len(ids)
+            rep_ids += ids
+            rep += [spec.repetition_penalty] * len(ids)
+        if (spec.presence_penalty or spec.frequency_penalty) and tokens.counts:
+            out_rows += [r] * len(tokens.counts)
+            out_ids += tokens.counts.keys()
+            out_sub += [spec.frequency_penalty * n + spec.presence_penalty for n in tokens.counts.values()]
+    if rep_ids:
+        index = (torch.tensor(rep_rows, device=device), torch.tensor(rep_ids, device=device))
+        values, factor = logits[index], torch.tensor(rep, device=device, dtype=logits.dtype)
+        logits[index] = torch.where(values > 0, values / factor, values * factor)
+    if out_ids:
+        index = (torch.tensor(out_rows, device=device), torch.tensor(out_ids, device=device))
+        logits[index] -= torch.tensor(out_sub, device=device, dtype=logits.dtype)
+    return logits
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

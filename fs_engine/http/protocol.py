@@ -3,7 +3,7 @@ for everything it does not (an unknown field, or a value it cannot honour such a
 ignored. Sampling ranges are ``SamplingParams``' own: a request is turned into one, so the HTTP API, the SDK
 and the offline API check the same rules.
 
-Extensions beyond OpenAI's fields, as vLLM names them: ``top_k``, ``ignore_eos``, ``priority``,
+Extensions beyond OpenAI's fields, as vLLM names them: ``top_k``, ``ignore_eos``, ``repetition_penalty``, ``priority``,
 ``return_token_ids`` (choices carry ``token_ids``, the response ``prompt_token_ids``: what a benchmark needs
 to build the next turn exactly), plus ``session_id`` (a conversation id for KV reuse; the history's tokens
 are the key without it).
@@ -47,11 +47,12 @@ class _Common(pydantic.BaseModel):
     user: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     # what fs-engine cannot do takes only the value that means "off"
     n: Literal[1] = 1
-    presence_penalty: Literal[0] = 0
-    frequency_penalty: Literal[0] = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     logit_bias: None = None
     # extensions
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0  # (vLLM's and transformers')
     priority: int = 0
     return_token_ids: bool = False  # (vLLM's too) each choice also carries its token ids, and the prompt's
     session_id: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
@@ -60,7 +61,8 @@ class _Common(pydantic.BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
-                              logprobs=self.num_logprobs)
+                              logprobs=self.num_logprobs, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty)
 
     @property
     def num_logprobs(self) -> int | None:

@@ -617,7 +617,9 @@ class Scheduler:
         request per step). ``table``: the request's block table (``kv.block_ids``), covering the chunk."""
         rid = request.request_id
         if not request.sent_to_worker:
-            plan.new_requests.append(NewRequest(rid, request.params.to_spec()))
+            spec = request.params.to_spec()
+            prompt = request.prompt_token_ids if spec.repetition_penalty != 1 else []
+            plan.new_requests.append(NewRequest(rid, spec, prompt))
             request.sent_to_worker = True
         # the worker holds the table it was last sent: send only the blocks added since, or the whole table
         # when the KV manager holds a new one (the request was preempted, swapped in or adopted blocks); the

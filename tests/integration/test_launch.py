@@ -103,6 +103,16 @@ def test_logprobs_stream_through_the_sdk_as_the_offline_api_gives_them(server, m
     assert plain.logprobs is None
 
 
+def test_penalties_travel_through_the_sdk(server, model):
+    prompt = random_prompts(1000, [15], seed=5)[0]
+    penalties = {"presence_penalty": 0.4, "frequency_penalty": 1.0, "repetition_penalty": 1.4}
+    offline = LLM(model, **ENGINE_FLAGS).generate([prompt], SamplingParams(max_tokens=10, temperature=0, **penalties))
+    with Client(server.address) as client:
+        assert client.complete(prompt, max_tokens=10, temperature=0, **penalties).token_ids == offline[0].token_ids
+        with pytest.raises(ValueError, match="frequency_penalty"):
+            client.complete(prompt, frequency_penalty=5)
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 def raw_request(address: str, payload: bytes, timeout_s: float = 10) -> object:
     ctx = zmq.Context.instance()

@@ -163,6 +163,20 @@ def test_logprobs_in_both_openai_shapes_match_the_offline_engine(served, model):
     assert bad.status_code == 400 and "top_logprobs needs logprobs" in bad.json()["error"]["message"]
 
 
+def test_penalties_reach_the_engine(served, model):
+    """OpenAI's presence and frequency penalties and vLLM's repetition_penalty give the offline engine's tokens."""
+    llm = LLM(model, **FLAGS)
+    prompt_ids = list(llm.tokenizer(PROMPTS[3]).input_ids)
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 1.5, "repetition_penalty": 1.3}
+    offline = llm.generate([prompt_ids], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, **penalties))
+    client = _client(served)
+    out = client.completions.create(model=served.model, prompt=PROMPTS[3], presence_penalty=0.5,
+                                    frequency_penalty=1.5, max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True, "repetition_penalty": 1.3,
+                                                "return_token_ids": True})
+    assert out.choices[0].token_ids == offline[0].token_ids
+
+
 def test_64_concurrent_streams_of_four_tenants_all_match(served, offline):
     texts, _ = offline
 
@@ -189,6 +203,8 @@ def test_64_concurrent_streams_of_four_tenants_all_match(served, offline):
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "x", "max_tokens": 100_000}, 400, None),  # over max_model_len: the engine's reason
