@@ -16,9 +16,6 @@ if not torch.cuda.is_available():
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
-# FS_TEST_ENGINE_ARGS="device=cuda,dtype=float32,compile=off,kv_cache_memory_gb=2": defaults for every engine a test builds in this
-# process (what a test passes itself still wins). tools/gpu_checks.sh runs the CPU suite's integration tests on
-# CUDA this way, in float32 so that the transformers oracle still applies.
 def _parse_value(text: str) -> object:
     for kind in (int, float):
         try:
@@ -28,6 +25,9 @@ def _parse_value(text: str) -> object:
     return text
 
 
+# FS_TEST_ENGINE_ARGS="device=cuda,dtype=float32,compile=off,kv_cache_memory_gb=2": defaults for every engine a
+# test builds in this process (what a test passes itself still wins). tools/gpu_checks.sh runs the CPU suite's
+# integration tests on CUDA this way, in float32 so that the transformers oracle still applies.
 TEST_ENGINE_ARGS = {key: _parse_value(value) for key, value in
                     (item.split("=", 1) for item in os.environ.get("FS_TEST_ENGINE_ARGS", "").split(",") if item)}
 if TEST_ENGINE_ARGS:

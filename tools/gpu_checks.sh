@@ -150,7 +150,8 @@ fi
 pytest=("$PY" -m pytest -q -rfEs -p no:cacheprovider "${collect_only[@]}")
 step kernels 90 "${pytest[@]}" "${kernel_workers[@]}" --junitxml="$work/kernels.xml" "${kernels[@]}"
 step gpu-tests 120 "${pytest[@]}" --junitxml="$work/gpu-tests.xml" tests/gpu
-export FS_TEST_ENGINE_ARGS="device=$([ "$DRY" = 1 ] && echo cpu || echo cuda),dtype=float32,compile=off,kv_cache_memory_gb=2"
+engine_device=$([ "$DRY" = 1 ] && echo cpu || echo cuda)
+export FS_TEST_ENGINE_ARGS="device=$engine_device,dtype=float32,compile=off,kv_cache_memory_gb=2"
 OMP_NUM_THREADS=4 step engine 100 "${pytest[@]}" "${engine_workers[@]}" --junitxml="$work/engine.xml" "${engine[@]}"
 unset FS_TEST_ENGINE_ARGS
 step bandwidth 25 "$PY" tools/bench_swap.py --scenario bandwidth "${bandwidth[@]}" --json "$work/bandwidth.json"

@@ -95,7 +95,8 @@ def headline(results: dict) -> list[str]:
         for row in (d or {}).get("rows", []):
             cells = [f"{n} {row[n]['decode_tokens_per_s']}" for n in
                      ("eager", "graphs", "compiled", "compiled+graphs", "transformers") if n in row]
-            ratios = [f"{k.replace('_vs_', ' vs ')} {row[k]}x" for k in row if k.endswith(("_vs_eager", "_vs_transformers"))]
+            ratios = [f"{k.replace('_vs_', ' vs ')} {row[k]}x" for k in row
+                      if k.endswith(("_vs_eager", "_vs_transformers"))]
             if "compiled+graphs" in row and "graphs" in row:
                 cg = row["compiled+graphs"]["decode_tokens_per_s"] / row["graphs"]["decode_tokens_per_s"]
                 ratios.append(f"compiled+graphs vs graphs {cg:.2f}x")
@@ -103,7 +104,8 @@ def headline(results: dict) -> list[str]:
                          + ("; " + ", ".join(ratios) if ratios else ""))
         for name, ran in (d or {}).get("ran", {}).items():
             if "warm_start_s" in ran:
-                lines.append(f"- {name} start: {ran['start_s']} s cold, {ran['warm_start_s']} s warm ({ran.get('forward', '')})")
+                lines.append(f"- {name} start: {ran['start_s']} s cold, {ran['warm_start_s']} s warm "
+                             f"({ran.get('forward', '')})")
     cal = results.get("calibration")
     if cal:
         r = cal["report"]

@@ -157,7 +157,10 @@ class SimExecutor:
         result = StepResult(step_id=plan.step_id)
         self._logprob_requests.difference_update(plan.finished_ids)  # (a finished id may be reused below)
         for new in plan.new_requests:
-            (self._logprob_requests.add if new.sampling.logprobs >= 0 else self._logprob_requests.discard)(new.request_id)
+            if new.sampling.logprobs >= 0:
+                self._logprob_requests.add(new.request_id)
+            else:
+                self._logprob_requests.discard(new.request_id)
         if self.model_worker is not None:
             executed = self.model_worker.execute(plan.with_swaps([dataclasses.replace(c, wait=True) for c in plan.swaps]))
             result.request_ids, result.token_ids = executed.request_ids, executed.token_ids
