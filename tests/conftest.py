@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
+
 def _parse_value(text: str) -> object:
     for kind in (int, float):
         try:
