@@ -438,6 +438,36 @@ class Client(_Demux):
 # ---- asyncio client -------------------------------------------------------------------------------------
 
 
+_NOTHING = object()
+
+
+async def _get_within(inbox: asyncio.Queue, timeout_s: float) -> Any:
+    """``inbox.get()`` within ``timeout_s`` (``_NOTHING`` if nothing came). A cancellation is never swallowed
+    and loses nothing: Python 3.11's ``asyncio.wait_for`` returns an item that arrives as it is cancelled and
+    drops the cancellation, so a stream closed mid-request could keep running to its end; here such an item
+    goes back to the head of the inbox and the cancellation goes on."""
+    getter = asyncio.ensure_future(inbox.get())
+    try:
+        done, _ = await asyncio.wait({getter}, timeout=timeout_s)
+    except BaseException:
+        _put_back(inbox, getter)
+        raise
+    if done:
+        return getter.result()
+    _put_back(inbox, getter)
+    return _NOTHING
+
+
+def _put_back(inbox: asyncio.Queue, getter: asyncio.Future) -> None:
+    """Stop ``getter``; an item it took already goes back first in line (a pending ``Queue.get`` takes
+    nothing when cancelled)."""
+    if getter.cancel() or getter.cancelled() or getter.exception() is not None:
+        return
+    rest = [inbox.get_nowait() for _ in range(inbox.qsize())]
+    for item in (getter.result(), *rest):
+        inbox.put_nowait(item)
+
+
 class AsyncTokenStream:
     """Async iterator over one streamed request's events; the request is sent when iteration starts.
     ``await stream.aclose()`` (or leaving ``async with``) before the last event aborts the request."""
@@ -540,10 +570,10 @@ class AsyncClient(_Demux):
             if remaining_s <= 0:
                 self._die(self._silence())
                 break
-            try:
-                return await asyncio.wait_for(inbox.get(), remaining_s)
-            except asyncio.TimeoutError:
-                continue  # the reader may have heard from the engine for another call meanwhile
+            item = await _get_within(inbox, remaining_s)
+            if item is not _NOTHING:
+                return item
+            # (timed out: the reader may have heard from the engine for another call meanwhile)
         if inbox.empty():
             raise EngineDeadError(self._silence())
         return inbox.get_nowait()

@@ -212,73 +212,132 @@ class OpenAIServer:
                                 f"{param} asks for {max_tokens} more; lower {param} or shorten the prompt",
                            param=param)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        stream = self.client.generate(prompt_ids, **params.model_dump(), priority=body.priority, tenant=tenant,
-                                      session_id=body.session_id, request_id=request_id)
-        logprobs = None if params.logprobs is None else _Logprobs(self._token_text, chat, params.logprobs)
+        # n choices are n engine requests; seeded, choice i samples with seed + i (else they would be equal)
+        seeds = [params.seed if params.seed is None else (params.seed + i) % (1 << 63) for i in range(body.n)]
+        streams = [self.client.generate(prompt_ids, **{**params.model_dump(), "seed": seed}, priority=body.priority,
+                                        tenant=tenant, session_id=body.session_id,
+                                        request_id=request_id if body.n == 1 else f"{request_id}-{i}")
+                   for i, seed in enumerate(seeds)]
+        logprobs = None if params.logprobs is None else functools.partial(_Logprobs, self._token_text, chat,
+                                                                           params.logprobs)
         response = _Response(request_id, self.model.name, chat, prompt_ids, time.monotonic(), tenant,
-                             self.metrics, body.return_token_ids, logprobs)
+                             self.metrics, body.return_token_ids, body.n, logprobs)
         endpoint = request.url.path
         if body.stream:
-            first = await self._first_event(stream)  # errors before the first token are HTTP errors
+            firsts = await self._first_events(streams)  # errors before the first token are HTTP errors
             self.metrics.http.labels(endpoint, "200").inc()
-            return StreamingResponse(self._sse(request, stream, first, response, body.include_usage),
+            return StreamingResponse(self._sse(streams, firsts, response, body.include_usage),
                                      media_type="text/event-stream")
-        async def consume() -> None:
+
+        async def consume(index: int, stream: Any) -> None:
             async with stream:  # (leaving it early aborts the request)
                 async for event in stream:
-                    response.add(event)
+                    response.add(index, event)
 
-        task = asyncio.ensure_future(consume())
+        tasks = [asyncio.ensure_future(consume(i, stream)) for i, stream in enumerate(streams)]
+        every = asyncio.gather(*tasks)
         gone = asyncio.ensure_future(_client_gone(request))
         try:
-            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():  # nobody will read the answer: free its KV now
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task  # its stream's exit sends the abort
+            await asyncio.wait({every, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not every.done():  # nobody will read the answer: free its KV now
+                await _cancel(tasks)  # each stream's exit sends its abort
                 self.metrics.http.labels(endpoint, "499").inc()
                 return Response(status_code=499)
-            task.result()
+            every.result()
         except RemoteError as e:
             raise _engine_error(e) from e
         except EngineDeadError as e:
             raise APIError(503, f"the engine is not serving: {e}", "service_unavailable") from e
         finally:
-            task.cancel()  # (no-ops once they are done)
+            await _cancel(tasks)  # (no-ops once they are done; one choice failing stops the others)
             gone.cancel()
         self.metrics.http.labels(endpoint, "200").inc()
         return JSONResponse(response.whole())
 
     @staticmethod
-    async def _first_event(stream: Any) -> Any:
+    async def _first_events(streams: list[Any]) -> list[Any]:
+        """Every choice's first event; if one fails, every stream is closed (its request aborted)."""
+        firsts = []
         try:
-            return await stream.__anext__()
-        except RemoteError as e:
-            await stream.aclose()
-            raise _engine_error(e) from e
-        except EngineDeadError as e:
-            raise APIError(503, f"the engine is not serving: {e}", "service_unavailable") from e
+            for stream in streams:
+                firsts.append(await stream.__anext__())
+        except BaseException as e:
+            await _close_all(streams)
+            if isinstance(e, RemoteError):
+                raise _engine_error(e) from e
+            if isinstance(e, EngineDeadError):
+                raise APIError(503, f"the engine is not serving: {e}", "service_unavailable") from e
+            raise
+        return firsts
 
-    async def _sse(self, request: Request, stream: Any, first: Any, response: _Response,
+    async def _sse(self, streams: list[Any], firsts: list[Any], response: _Response,
                    include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per engine event, the usage if asked for, then ``[DONE]``. A client that
-        goes away cancels this generator, which closes the stream: the engine aborts the request."""
+        """Server-sent events: a chunk per engine event (each naming its choice), the usage if asked for, then
+        ``[DONE]``. A client that goes away cancels this generator, which closes the streams: the engine aborts
+        the requests."""
         try:
-            event = first
-            while True:
-                response.add(event)
-                yield _sse(response.chunk(event))
-                if event.finished:
-                    break
-                event = await stream.__anext__()
+            async for index, event in _merged(streams, firsts):
+                response.add(index, event)
+                yield _sse(response.chunk(index, event))
             if include_usage:
                 yield _sse(response.usage_chunk())
         except (RemoteError, EngineDeadError) as e:  # mid-stream: the status is sent already
             kind = "service_unavailable" if isinstance(e, EngineDeadError) else "invalid_request_error"
             yield _sse(error_body(str(e), kind))
         finally:
-            await stream.aclose()
+            await _close_all(streams)
         yield "data: [DONE]\n\n"
+
+
+async def _close_all(streams: list[Any]) -> None:
+    """Close every stream (aborting its request if it runs), all at once and shielded: a hung-up client cancels
+    the response at every await of its clean-up (anyio's cancel scopes), and one close at a time would stop
+    at the first, leaving the other choices running."""
+    await asyncio.shield(asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True))
+
+
+async def _cancel(tasks: list[asyncio.Future]) -> None:
+    """Cancel the tasks and wait until they have ended (a stream's abort runs as its consumer unwinds)."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task
+
+
+async def _merged(streams: list[Any], firsts: list[Any]) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, event) of every stream until each has finished, in the order they arrive."""
+    if len(streams) == 1:  # the common case, without a task and a queue
+        event = firsts[0]
+        while True:
+            yield 0, event
+            if event.finished:
+                return
+            event = await streams[0].__anext__()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        event = firsts[index]
+        try:
+            while True:
+                await queue.put((index, event))
+                if event.finished:
+                    return
+                event = await streams[index].__anext__()
+        except Exception as e:  # noqa: BLE001 - raised where the events are read
+            await queue.put((index, e))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+    try:
+        left = len(streams)
+        while left:
+            index, event = await queue.get()
+            if isinstance(event, Exception):
+                raise event
+            left -= event.finished
+            yield index, event
+    finally:
+        await _cancel(tasks)
 
 
 def _sse(data: dict) -> str:
@@ -329,45 +388,57 @@ class _Logprobs:
         return {"content": self.content, "refusal": None} if self.chat else self.legacy
 
 
-class _Response:
-    """One request's answer as it grows: whole, or chunk by chunk; its latencies go to the metrics."""
+class _Choice:
+    """One choice of an answer as it grows (one engine request)."""
 
-    def __init__(self, request_id: str, model: str, chat: bool, prompt_ids: list[int], start: float,
-                 tenant: str, metrics: Metrics, token_ids: bool, logprobs: _Logprobs | None = None) -> None:
-        self.request_id, self.model, self.chat = request_id, model, chat
-        self.created = int(time.time())
-        self.prompt_ids, self.num_prompt_tokens = prompt_ids, len(prompt_ids)
-        self.with_token_ids = token_ids
+    def __init__(self, index: int, start: float, logprobs: _Logprobs | None) -> None:
+        self.index = index
         self.token_ids: list[int] = []
-        self.num_tokens = 0
         self.text: list[str] = []
         self.finish_reason: str | None = None
-        self.start = self.last = start
-        self.tenant, self.metrics = tenant, metrics
+        self.last = start  # when its last tokens came
         self.role_sent = False
         self.logprobs = logprobs
         self.chunk_logprobs: dict | None = None  # the last event's, for its stream chunk
 
-    def add(self, event: Any) -> None:
+
+class _Response:
+    """One request's answer as it grows, its ``n`` choices whole or chunk by chunk; their latencies go to the
+    metrics."""
+
+    def __init__(self, request_id: str, model: str, chat: bool, prompt_ids: list[int], start: float,
+                 tenant: str, metrics: Metrics, token_ids: bool, n: int = 1,
+                 logprobs: Callable[[], _Logprobs] | None = None) -> None:
+        self.request_id, self.model, self.chat = request_id, model, chat
+        self.created = int(time.time())
+        self.prompt_ids, self.num_prompt_tokens = prompt_ids, len(prompt_ids)
+        self.with_token_ids = token_ids
+        self.start = start
+        self.tenant, self.metrics = tenant, metrics
+        self.choices = [_Choice(i, start, logprobs() if logprobs is not None else None) for i in range(n)]
+        self.head_sent = False
+
+    def add(self, index: int, event: Any) -> None:
         now = time.monotonic()
+        choice = self.choices[index]
         if event.token_ids:
-            if self.num_tokens == 0:
+            if not choice.token_ids:
                 self.metrics.ttft.labels(self.tenant).observe(now - self.start)
             else:
-                self.metrics.itl.labels(self.tenant).observe(now - self.last)
-            self.last = now
-        self.num_tokens += len(event.token_ids)
-        self.token_ids += event.token_ids
-        if self.logprobs is not None:
-            self.chunk_logprobs = self.logprobs.add(event.token_ids, event.logprobs or [])
-        self.text.append(event.text)
+                self.metrics.itl.labels(self.tenant).observe(now - choice.last)
+            choice.last = now
+        choice.token_ids += event.token_ids
+        if choice.logprobs is not None:
+            choice.chunk_logprobs = choice.logprobs.add(event.token_ids, event.logprobs or [])
+        choice.text.append(event.text)
         if event.finished:
-            self.finish_reason = event.finish_reason
+            choice.finish_reason = event.finish_reason
             self.metrics.e2e.labels(self.tenant).observe(now - self.start)
 
     def _usage(self) -> dict:
-        return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": self.num_tokens,
-                "total_tokens": self.num_prompt_tokens + self.num_tokens}
+        completion = sum(len(c.token_ids) for c in self.choices)
+        return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.num_prompt_tokens + completion}
 
     def _head(self, obj: str, first: bool = True) -> dict:
         head = {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
@@ -381,31 +452,30 @@ class _Response:
         return choice
 
     def whole(self) -> dict:
-        text = "".join(self.text)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": self._whole_logprobs(), "finish_reason": self.finish_reason}
-            return {**self._head("chat.completion"), "choices": [self._ids(choice, self.token_ids)],
-                    "usage": self._usage()}
-        choice = {"index": 0, "text": text, "logprobs": self._whole_logprobs(), "finish_reason": self.finish_reason}
-        return {**self._head("text_completion"), "choices": [self._ids(choice, self.token_ids)],
+        choices = []
+        for c in self.choices:
+            text = "".join(c.text)
+            logprobs = c.logprobs.whole() if c.logprobs is not None else None
+            body = ({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
+            choices.append(self._ids({"index": c.index, **body, "logprobs": logprobs,
+                                      "finish_reason": c.finish_reason}, c.token_ids))
+        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": choices,
                 "usage": self._usage()}
 
-    def chunk(self, event: Any) -> dict:
+    def chunk(self, index: int, event: Any) -> dict:
+        c = self.choices[index]
         finish = event.finish_reason if event.finished else None
-        first = not self.role_sent
-        self.role_sent = True
+        first, self.head_sent = not self.head_sent, True
         if self.chat:
             delta: dict[str, str] = {"content": event.text}
-            if first:
+            if not c.role_sent:
                 delta = {"role": "assistant", **delta}
-            choice = {"index": 0, "delta": delta, "logprobs": self.chunk_logprobs, "finish_reason": finish}
-            return {**self._head("chat.completion.chunk", first), "choices": [self._ids(choice, event.token_ids)]}
-        choice = {"index": 0, "text": event.text, "logprobs": self.chunk_logprobs, "finish_reason": finish}
-        return {**self._head("text_completion", first), "choices": [self._ids(choice, event.token_ids)]}
-
-    def _whole_logprobs(self) -> dict | None:
-        return self.logprobs.whole() if self.logprobs is not None else None
+            body, obj = {"delta": delta}, "chat.completion.chunk"
+        else:
+            body, obj = {"text": event.text}, "text_completion"
+        c.role_sent = True
+        choice = {"index": c.index, **body, "logprobs": c.chunk_logprobs, "finish_reason": finish}
+        return {**self._head(obj, first), "choices": [self._ids(choice, event.token_ids)]}
 
     def usage_chunk(self) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"

@@ -1,11 +1,11 @@
 """The OpenAI API's request bodies, as pydantic models: what fs-engine supports, and a 400 naming the field
-for everything it does not (an unknown field, or a value it cannot honour such as ``n=2``), never silently
+for everything it does not (an unknown field, or a value it cannot honour such as ``best_of=2``), never silently
 ignored. Sampling ranges are ``SamplingParams``' own: a request is turned into one, so the HTTP API, the SDK
 and the offline API check the same rules.
 
-Extensions beyond OpenAI's fields, as vLLM names them: ``top_k``, ``ignore_eos``, ``repetition_penalty``, ``priority``,
-``return_token_ids`` (choices carry ``token_ids``, the response ``prompt_token_ids``: what a benchmark needs
-to build the next turn exactly), plus ``session_id`` (a conversation id for KV reuse; the history's tokens
+Extensions beyond OpenAI's fields, as vLLM names them: ``top_k``, ``ignore_eos``, ``repetition_penalty``,
+``priority``, ``return_token_ids`` (choices carry ``token_ids``, the response ``prompt_token_ids``: what a
+benchmark needs to build the next turn exactly), plus ``session_id`` (a conversation id for KV reuse; the history's tokens
 are the key without it).
 """
 
@@ -19,6 +19,7 @@ from pydantic import Field
 from fs_engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+MAX_CHOICES = 16  # n: each choice is a request of its own, counted against the client's limits
 
 _FORBID = pydantic.ConfigDict(extra="forbid")
 
@@ -45,8 +46,8 @@ class _Common(pydantic.BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1  # choices: one engine request each (seeds seed, seed + 1, ...)
     # what fs-engine cannot do takes only the value that means "off"
-    n: Literal[1] = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: None = None

@@ -163,6 +163,36 @@ def test_logprobs_in_both_openai_shapes_match_the_offline_engine(served, model):
     assert bad.status_code == 400 and "top_logprobs needs logprobs" in bad.json()["error"]["message"]
 
 
+def test_n_choices_are_seeded_requests_of_their_own(served, model):
+    """n=3 gives three choices, choice i sampled with seed + i as the offline engine samples it; whole and
+    streamed (each chunk naming its choice), completions and chat, the usage counting every choice's tokens."""
+    llm = LLM(model, **FLAGS)
+    prompt_ids = list(llm.tokenizer(PROMPTS[0]).input_ids)
+    sampled = {"max_tokens": 10, "temperature": 1.0, "ignore_eos": True}
+    expected = [o.token_ids for o in llm.generate([prompt_ids] * 3, [SamplingParams(seed=40 + i, **sampled)
+                                                                      for i in range(3)])]
+    assert len({tuple(e) for e in expected}) > 1  # (the seeds make them differ)
+    client = _client(served)
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    out = client.completions.create(model=served.model, prompt=PROMPTS[0], n=3, seed=40, max_tokens=10,
+                                    temperature=1.0, extra_body=extra)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.token_ids for c in out.choices] == expected
+    assert out.usage.completion_tokens == 30
+    chunks = list(client.completions.create(model=served.model, prompt=PROMPTS[0], n=3, seed=40, max_tokens=10,
+                                            temperature=1.0, stream=True, stream_options={"include_usage": True},
+                                            extra_body=extra))
+    streamed = {i: [t for c in chunks for ch in c.choices if ch.index == i for t in ch.token_ids] for i in range(3)}
+    assert [streamed[i] for i in range(3)] == expected
+    finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    assert finishes == ["length"] * 3 and chunks[-1].usage.completion_tokens == 30
+    chat = client.chat.completions.create(model=served.model, messages=MESSAGES, n=2, **GREEDY)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+    roles = [ch.index for c in client.chat.completions.create(model=served.model, messages=MESSAGES, n=2, stream=True,
+                                                              **GREEDY) for ch in c.choices if ch.delta.role]
+    assert sorted(roles) == [0, 1]  # each choice's first chunk names the role
+
+
 def test_penalties_reach_the_engine(served, model):
     """OpenAI's presence and frequency penalties and vLLM's repetition_penalty give the offline engine's tokens."""
     llm = LLM(model, **FLAGS)
@@ -198,7 +228,8 @@ def test_64_concurrent_streams_of_four_tenants_all_match(served, offline):
 
 
 @pytest.mark.parametrize("body,status,param", [
-    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "n": 17}, 400, "n"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
     ({"prompt": "x", "frobnicate": True}, 400, "frobnicate"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
@@ -218,38 +249,44 @@ def test_bad_requests_get_openai_errors_and_the_server_serves_on(served, offline
     assert out.choices[0].text == offline[0][PROMPTS[1]]
 
 
-def _aborted_since(served, before: float) -> dict[str, float]:
-    """/metrics once the engine has aborted one more request and runs none (within 20 s, or the test fails)."""
+def _aborted_since(served, before: tuple[float, float]) -> dict[str, float]:
+    """/metrics once the engine has aborted the abandoned requests and runs none (within 20 s, or the test
+    fails): more aborted than ``before`` and no more finished (none of them ran to its end)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         m = served.metrics()
-        if m.get("fs_engine:request_aborted_total", 0) > before and m["fs_engine:num_requests_running"] == 0:
+        if (m.get("fs_engine:request_aborted_total", 0) > before[0] and m["fs_engine:num_requests_running"] == 0
+                and m.get("fs_engine:request_success_total", 0) == before[1]):
             return m
         time.sleep(0.3)
-    pytest.fail(f"the abandoned request still runs: {served.metrics()}")
+    pytest.fail(f"the abandoned requests still run, or ran to their end: {served.metrics()}")
 
 
-def _aborted_so_far(served) -> float:
+def _aborted_so_far(served) -> tuple[float, float]:
     time.sleep(1.5)  # the server polls the engine's counters once a second
-    return served.metrics().get("fs_engine:request_aborted_total", 0)
+    m = served.metrics()
+    return m.get("fs_engine:request_aborted_total", 0), m.get("fs_engine:request_success_total", 0)
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_kv(served):
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_that_disconnects_mid_stream_frees_its_kv(served, n):
     before = _aborted_so_far(served)
     with httpx.stream("POST", f"{served.url}/v1/completions",
-                      json={"prompt": "A long story", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+                      json={"prompt": "A long story", "max_tokens": 400, "ignore_eos": True, "stream": True,
+                            "n": n}) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 break  # one chunk in, then hang up
     assert _aborted_since(served, before)["fs_engine:kv_cache_usage_perc"] < 1.0
 
 
-def test_a_client_that_gives_up_on_a_non_streaming_request_frees_its_kv(served):
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_that_gives_up_on_a_non_streaming_request_frees_its_kv(served, n):
     before = _aborted_so_far(served)
     # it hangs up after 0.3 s, long before the 2,000 tokens (over 1.5 s even on a fast machine)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{served.url}/v1/completions", json={"prompt": "A long story", "max_tokens": 2000,
-                                                          "ignore_eos": True}, timeout=0.3)
+                                                          "ignore_eos": True, "n": n}, timeout=0.3)
     assert _aborted_since(served, before)["fs_engine:kv_cache_usage_perc"] < 1.0
 
 

@@ -490,3 +490,33 @@ def test_bad_address_is_a_value_error() -> None:
         Client("nonsense")
     with pytest.raises(ValueError, match="cannot connect"):
         AsyncClient("tcp://")
+
+
+@pytest.mark.parametrize("arrives", ["before the cancel", "not at all"])
+def test_a_cancelled_wait_for_an_event_neither_swallows_the_cancel_nor_loses_the_event(arrives):
+    """The race behind a stream that kept running after its HTTP client hung up: an event lands in the inbox
+    just as the waiting task is cancelled (Python 3.11's asyncio.wait_for then returned it and dropped the
+    cancellation). The cancellation must go on, and the event stay first in line for whoever reads next."""
+    import asyncio
+
+    from fs_engine.client import _get_within
+
+    async def main() -> None:
+        inbox: asyncio.Queue = asyncio.Queue()
+        inbox.put_nowait("later")  # (taken below, so the waiter waits on an empty inbox)
+        assert inbox.get_nowait() == "later"
+        waiter = asyncio.ensure_future(_get_within(inbox, 10.0))
+        for _ in range(3):
+            await asyncio.sleep(0)  # it waits now
+        if arrives == "before the cancel":
+            inbox.put_nowait("event")
+            inbox.put_nowait("next")
+            await asyncio.sleep(0)  # the inbox's getter takes "event"; the waiter has not resumed yet
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        left = [inbox.get_nowait() for _ in range(inbox.qsize())]
+        assert left == (["event", "next"] if arrives == "before the cancel" else [])
+        assert await _get_within(inbox, 0.01) is not None  # a timeout, not an error
+
+    asyncio.run(main())
