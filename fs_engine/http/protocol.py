@@ -5,8 +5,8 @@ and the offline API check the same rules.
 
 Extensions beyond OpenAI's fields, as vLLM names them: ``top_k``, ``ignore_eos``, ``repetition_penalty``,
 ``priority``, ``return_token_ids`` (choices carry ``token_ids``, the response ``prompt_token_ids``: what a
-benchmark needs to build the next turn exactly), plus ``session_id`` (a conversation id for KV reuse; the history's tokens
-are the key without it).
+benchmark needs to build the next turn exactly), plus ``session_id`` (a conversation id for KV reuse; the
+history's tokens are the key without it).
 """
 
 from __future__ import annotations
