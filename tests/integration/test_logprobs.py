@@ -4,14 +4,13 @@ async scheduling."""
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
 from fs_engine import LLM, LLMEngine, SamplingParams
 from tests.conftest import random_prompts
-from tests.integration.test_preemption import TIGHT
+from tests.integration.test_preemption import TIGHT, flip_priorities
 
 TOP = 3
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=TOP)
@@ -73,23 +72,13 @@ def test_logprobs_survive_preemption_swap_processes_and_async_scheduling(tiny_mo
     ref = hf_reference(model)
     prompts = random_prompts(1000, [5, 40, 17, 60, 9, 33], seed=2)
     engine = LLMEngine(model, multiprocess=True, async_scheduling=True, policy="priority", **TIGHT)
-    rng = random.Random(0)
     try:
-        for i, prompt in enumerate(prompts):
-            engine.add_request(f"r{i}", prompt, PARAMS, priority=rng.randrange(4))
-        outputs, steps = {}, 0
-        while engine.has_unfinished_requests():
-            outputs.update((o.request_id, o) for o in engine.step() if o.finished)
-            steps += 1
-            if steps % 3 == 0:
-                for request_id in list(engine.scheduler.requests):
-                    engine.update_priority(request_id, rng.randrange(4))
+        outputs = flip_priorities(engine, prompts, PARAMS)
         stats = engine.stats()
     finally:
         engine.shutdown()
     assert stats["num_swap_outs"] > 0
-    for i, prompt in enumerate(prompts):
-        out = outputs[f"r{i}"]
+    for prompt, out in zip(prompts, outputs):
         assert out.token_ids == ref.greedy(prompt, 12, stop_at_eos=False)
         assert_matches_transformers(ref, prompt, out.token_ids, out.logprobs)
 

@@ -5,14 +5,13 @@ and with async scheduling."""
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
 from fs_engine import LLM, LLMEngine, SamplingParams
 from tests.conftest import random_prompts
-from tests.integration.test_preemption import TIGHT
+from tests.integration.test_preemption import TIGHT, flip_priorities
 
 NEW = 16
 
@@ -92,23 +91,14 @@ def test_penalties_survive_preemption_swap_processes_and_async_scheduling(tiny_m
     params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, frequency_penalty=0.8,
                             repetition_penalty=1.2)
     engine = LLMEngine(model, multiprocess=True, async_scheduling=True, policy="priority", **TIGHT)
-    rng = random.Random(1)
     try:
-        for i, prompt in enumerate(prompts):
-            engine.add_request(f"r{i}", prompt, params, priority=rng.randrange(4))
-        outputs, steps = {}, 0
-        while engine.has_unfinished_requests():
-            outputs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
-            steps += 1
-            if steps % 3 == 0:
-                for request_id in list(engine.scheduler.requests):
-                    engine.update_priority(request_id, rng.randrange(4))
+        outputs = flip_priorities(engine, prompts, params, seed=1)
         stats = engine.stats()
     finally:
         engine.shutdown()
     assert stats["num_swap_outs"] > 0
-    for i, prompt in enumerate(prompts):
-        assert outputs[f"r{i}"] == reference(ref, prompt, NEW, frequency=0.8, repetition=1.2)
+    for prompt, out in zip(prompts, outputs):
+        assert out.token_ids == reference(ref, prompt, NEW, frequency=0.8, repetition=1.2)
 
 
 @pytest.mark.parametrize("field,value", [("presence_penalty", 2.5), ("frequency_penalty", -3),

@@ -38,22 +38,27 @@ def reference(model, prompts):
 def run_with_priority_flips(model, prompts, seed: int = 0, flip_every: int = 3, **engine_args):
     """Priorities re-drawn every few steps, so requests keep overtaking each other and get preempted."""
     engine = LLMEngine(model, policy="priority", **engine_args)
+    outputs = flip_priorities(engine, prompts, GREEDY, seed, flip_every)
+    return [o.token_ids for o in outputs], assert_idle(engine)
+
+
+def flip_priorities(engine: LLMEngine, prompts, params: SamplingParams, seed: int = 0,
+                    flip_every: int = 3) -> list:
+    """Every prompt's finished ``RequestOutput``, its priority re-drawn every ``flip_every`` steps."""
     rng = random.Random(seed)
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, GREEDY, priority=rng.randrange(4))
-    outputs: dict[str, list[int]] = {}
+        engine.add_request(f"r{i}", prompt, params, priority=rng.randrange(4))
+    outputs = {}
     steps = 0
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outputs[out.request_id] = out.token_ids
+        outputs.update((out.request_id, out) for out in engine.step() if out.finished)
         engine.scheduler.check_invariants()
         steps += 1
         if steps % flip_every == 0:
             for request_id in list(engine.scheduler.requests):
                 engine.update_priority(request_id, rng.randrange(4))
         assert steps < 2000, "the engine stopped making progress"
-    return [outputs[f"r{i}"] for i in range(len(prompts))], assert_idle(engine)
+    return [outputs[f"r{i}"] for i in range(len(prompts))]
 
 
 def assert_idle(engine: LLMEngine) -> dict:
