@@ -179,7 +179,7 @@ class ModelRunner:
         for new in plan.new_requests:
             self._specs[new.request_id] = new.sampling
             if new.sampling.penalized:
-                self._seen[new.request_id] = SeenTokens(new.prompt_token_ids)
+                self._seen[new.request_id] = SeenTokens(new.prompt_token_ids, self.device)
         if plan.swaps:
             raise RuntimeError("workers do not copy KV: the engine's swap executor runs a plan's swaps")
         result = StepResult(step_id=plan.step_id)

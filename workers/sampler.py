@@ -76,11 +76,12 @@ class Sampler:
 
 
 class SeenTokens:
-    """What a penalized request's penalties apply to: its prompt's distinct tokens (repetition penalty) and how
-    often it has generated each token, kept by the worker as it samples."""
+    """What a penalized request's penalties apply to: its prompt's distinct tokens (repetition penalty; on the
+    device once, so a step costs nothing per prompt token on the host) and how often it has generated each
+    token, kept by the worker as it samples."""
 
-    def __init__(self, prompt_token_ids: list[int]) -> None:
-        self.prompt = set(prompt_token_ids)
+    def __init__(self, prompt_token_ids: list[int], device: torch.device) -> None:
+        self.prompt = torch.tensor(sorted(set(prompt_token_ids)), dtype=torch.long, device=device)
         self.counts: dict[int, int] = {}
 
     def add(self, token: int) -> None:
@@ -95,26 +96,33 @@ def apply_penalties(logits: torch.Tensor, specs: list[SamplingSpec], seen: list[
         return logits
     logits = logits.clone()
     device = logits.device
-    rep_rows, rep_ids, rep = [], [], []
-    out_rows, out_ids, out_sub = [], [], []
+    # repetition: each row's prompt tokens (device tensors) and output tokens (one in the prompt too comes
+    # twice, and both writes are the same value); presence and frequency: the output tokens
+    rep_rows, rep_ids = [], []
+    rep_out_rows, rep_out_ids = [], []
+    sub_rows, sub_ids, sub_values = [], [], []
     for r in rows:
         spec, tokens = specs[r], seen[r]
         if spec.repetition_penalty != 1:
-            ids = tokens.prompt | tokens.counts.keys()
-            rep_rows += [r] * len(ids)
-            rep_ids += ids
-            rep += [spec.repetition_penalty] * len(ids)
+            rep_rows.append(torch.full_like(tokens.prompt, r))
+            rep_ids.append(tokens.prompt)
+            rep_out_rows += [r] * len(tokens.counts)
+            rep_out_ids += tokens.counts.keys()
         if (spec.presence_penalty or spec.frequency_penalty) and tokens.counts:
-            out_rows += [r] * len(tokens.counts)
-            out_ids += tokens.counts.keys()
-            out_sub += [spec.frequency_penalty * n + spec.presence_penalty for n in tokens.counts.values()]
+            sub_rows += [r] * len(tokens.counts)
+            sub_ids += tokens.counts.keys()
+            sub_values += [spec.frequency_penalty * n + spec.presence_penalty for n in tokens.counts.values()]
     if rep_ids:
-        index = (torch.tensor(rep_rows, device=device), torch.tensor(rep_ids, device=device))
-        values, factor = logits[index], torch.tensor(rep, device=device, dtype=logits.dtype)
+        rep_rows.append(torch.tensor(rep_out_rows, dtype=torch.long, device=device))
+        rep_ids.append(torch.tensor(rep_out_ids, dtype=torch.long, device=device))
+        index = (torch.cat(rep_rows), torch.cat(rep_ids))
+        per_row = torch.tensor([spec.repetition_penalty for spec in specs], device=device, dtype=logits.dtype)
+        factor = per_row[index[0]]
+        values = logits[index]
         logits[index] = torch.where(values > 0, values / factor, values * factor)
-    if out_ids:
-        index = (torch.tensor(out_rows, device=device), torch.tensor(out_ids, device=device))
-        logits[index] -= torch.tensor(out_sub, device=device, dtype=logits.dtype)
+    if sub_ids:
+        index = (torch.tensor(sub_rows, device=device), torch.tensor(sub_ids, device=device))
+        logits[index] -= torch.tensor(sub_values, device=device, dtype=logits.dtype)
     return logits
 
 

@@ -159,3 +159,24 @@ def test_tiny_temperature_samples_greedily():
     sampler = Sampler(seed=0, device=torch.device("cpu"))
     specs = [SamplingSpec(temperature=1e-40, seed=3), SamplingSpec(temperature=1e-9)]
     assert sampler(logits, specs, [0, 0]) == [1, 0]
+
+
+def test_penalties_follow_their_definitions_row_by_row_and_leave_the_input_alone():
+    from ipc.messages import SamplingSpec
+    from workers.sampler import SeenTokens, apply_penalties
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0], [4.0, -2.0, 0.0, 1.0]])
+    original = logits.clone()
+    both = SeenTokens([0, 1], torch.device("cpu"))
+    for token in (1, 3, 3):  # token 1 is in the prompt and the output: penalized once for repetition
+        both.add(token)
+    only_output = SeenTokens([], torch.device("cpu"))
+    only_output.add(2)
+    specs = [SamplingSpec(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25), SamplingSpec(),
+             SamplingSpec(presence_penalty=1.0)]
+    out = apply_penalties(logits, specs, [both, None, only_output])
+    assert torch.equal(logits, original)
+    expected = original.clone()
+    expected[0] = torch.tensor([2.0 / 2, -1.0 * 2 - (0.5 + 0.25), 0.5, 3.0 / 2 - (2 * 0.5 + 0.25)])
+    expected[2, 2] -= 1.0
+    assert torch.allclose(out, expected)
